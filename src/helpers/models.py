@@ -1,0 +1,194 @@
+"""Loading causal LMs and naming their parts.
+
+Architectures differ only in a small table of module names (:data:`ARCHITECTURES`). Everything else in
+``helpers`` (tracing, editing, statistics) asks this module where the embeddings, MLPs, down-projections
+and blocks are, and never spells a module path itself.
+
+Layer indices are 0-based everywhere in code (the paper's layer 6 is code layer 5).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .hooks import get_module
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module names of one architecture. ``{}`` in a template is replaced by the 0-based layer index.
+
+    ``down_proj_transposed`` is True when the down-projection stores its weight as (d_ff, d_model)
+    (GPT-2's ``Conv1D``) rather than ``nn.Linear``'s (d_model, d_ff).
+    """
+
+    model_types: tuple[str, ...]
+    embed: str
+    block: str
+    mlp: str
+    down_proj: str
+    attn: str
+    final_norm: str
+    unembed: str
+    n_layers_attr: str
+    down_proj_transposed: bool = False
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec(
+        model_types=("gpt2",),
+        embed="transformer.wte",
+        block="transformer.h.{}",
+        mlp="transformer.h.{}.mlp",
+        down_proj="transformer.h.{}.mlp.c_proj",
+        attn="transformer.h.{}.attn",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        n_layers_attr="n_layer",
+        down_proj_transposed=True,
+    ),
+    "gptj": ArchSpec(
+        model_types=("gptj",),
+        embed="transformer.wte",
+        block="transformer.h.{}",
+        mlp="transformer.h.{}.mlp",
+        down_proj="transformer.h.{}.mlp.fc_out",
+        attn="transformer.h.{}.attn",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        n_layers_attr="n_layer",
+    ),
+    "gpt_neox": ArchSpec(
+        model_types=("gpt_neox",),
+        embed="gpt_neox.embed_in",
+        block="gpt_neox.layers.{}",
+        mlp="gpt_neox.layers.{}.mlp",
+        down_proj="gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        attn="gpt_neox.layers.{}.attention",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="embed_out",
+        n_layers_attr="num_hidden_layers",
+    ),
+    "llama": ArchSpec(
+        model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"),
+        embed="model.embed_tokens",
+        block="model.layers.{}",
+        mlp="model.layers.{}.mlp",
+        down_proj="model.layers.{}.mlp.down_proj",
+        attn="model.layers.{}.self_attn",
+        final_norm="model.norm",
+        unembed="lm_head",
+        n_layers_attr="num_hidden_layers",
+    ),
+}
+
+# Causal-tracing noise σ the paper used for its two models (SCIENCE.md §2); other models use 3×std.
+PAPER_NOISE = {"EleutherAI/gpt-j-6B": 0.094, "gpt2-xl": 0.1}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for spec in ARCHITECTURES.values() for t in spec.model_types)
+
+
+def arch_of(model: nn.Module) -> ArchSpec:
+    """The :class:`ArchSpec` of a transformers model, or a ValueError naming the supported types."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for spec in ARCHITECTURES.values():
+        if model_type in spec.model_types:
+            return spec
+    raise ValueError(
+        f"unsupported architecture {model_type!r} ({type(model).__name__}); "
+        f"supported model types: {', '.join(supported_model_types())}"
+    )
+
+
+def n_layers(model: nn.Module) -> int:
+    return int(getattr(model.config, arch_of(model).n_layers_attr))
+
+
+def module_name(model: nn.Module, kind: str, layer: int | None = None) -> str:
+    """Dotted name of a part: kind in {embed, block, mlp, down_proj, attn, final_norm, unembed}."""
+    spec = arch_of(model)
+    template = getattr(spec, kind, None)
+    if not isinstance(template, str):
+        raise ValueError(f"unknown module kind {kind!r}")
+    if "{}" in template:
+        if layer is None:
+            raise ValueError(f"module kind {kind!r} needs a layer index")
+        L = n_layers(model)
+        if not 0 <= layer < L:
+            raise IndexError(f"layer {layer} out of range for a {L}-layer model")
+        return template.format(layer)
+    return template
+
+
+def module(model: nn.Module, kind: str, layer: int | None = None) -> nn.Module:
+    return get_module(model, module_name(model, kind, layer))
+
+
+def down_proj_weight(model: nn.Module, layer: int) -> nn.Parameter:
+    """The down-projection weight of ``layer`` as stored (see ``ArchSpec.down_proj_transposed``)."""
+    return module(model, "down_proj", layer).weight
+
+
+def down_proj_out_in(model: nn.Module, layer: int) -> torch.Tensor:
+    """A (d_model, d_ff) *view* of the down-projection weight, whatever its storage orientation."""
+    w = down_proj_weight(model, layer)
+    return w.T if arch_of(model).down_proj_transposed else w
+
+
+def dims(model: nn.Module) -> tuple[int, int]:
+    """(d_model, d_ff) read off the layer-0 down-projection."""
+    d_model, d_ff = down_proj_out_in(model, 0).shape
+    return int(d_model), int(d_ff)
+
+
+def load_model(
+    name_or_path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    allow_bin: bool = False,
+    local_files_only: bool | None = None,
+):
+    """Load ``(model, tokenizer)`` by hub name or local folder, in eval mode with gradients off.
+
+    Weights are read from safetensors. ``allow_bin=True`` also accepts ``pytorch_model.bin`` (transformers
+    then loads it with ``torch.load(weights_only=True)``). A local folder is always loaded offline. The
+    tokenizer gets pad = eos when it has no pad token, and no BOS is added by our code.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path)
+    is_local = path.exists()
+    if local_files_only is None:
+        local_files_only = is_local
+    src = str(path) if is_local else str(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            src,
+            dtype=dtype,
+            use_safetensors=None if allow_bin else True,
+            local_files_only=local_files_only,
+        )
+    except OSError as err:
+        hint = (
+            "no such local folder, and the hub could not be reached or has no such model; "
+            "download the weights elsewhere and pass the folder"
+            if not is_local
+            else "the folder lacks a config, tokenizer or safetensors weights"
+        )
+        raise OSError(f"cannot load model {name_or_path!r}: {hint} ({err})") from err
+    arch_of(model)  # fail early, with the list of supported types
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device).eval().requires_grad_(False)
+    log.info("loaded %s (%s, %d layers)", name_or_path, model.config.model_type, n_layers(model))
+    return model, tok

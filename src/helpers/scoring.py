@@ -1,0 +1,210 @@
+"""Target-string probabilities and text generation (SCIENCE.md §3).
+
+The primitive used everywhere: p(target | prompt) = prod_j p(y_j | x, y_<j), teacher-forced on x‖y,
+where y = tokenize(" " + target) (a leading space is always added) and the product runs over **all**
+target tokens. Batches are padded (right by default, left on request) with an attention mask and explicit
+position ids, so a padded row scores exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def with_space(target: str) -> str:
+    """The target as it is tokenized: with one leading space."""
+    return target if target.startswith(" ") else " " + target
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (no BOS is ever prepended)."""
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass
+class Batch:
+    """A padded batch of prompt‖target sequences.
+
+    input_ids, attention_mask, position_ids: (B, T) long. ``prompt_len[i]`` and ``target_len[i]`` give the
+    lengths of row i; ``start[i]`` is the column of the row's first real token (0 under right padding).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_len: list[int]
+    target_len: list[int]
+    start: list[int]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+        }
+
+    def last_prompt_pos(self) -> torch.Tensor:
+        """(B,) column of each row's last prompt token."""
+        return torch.tensor([s + p - 1 for s, p in zip(self.start, self.prompt_len)])
+
+
+def make_batch(
+    tok,
+    prompts: Sequence[str],
+    targets: Sequence[str] | None = None,
+    padding_side: str = "right",
+) -> Batch:
+    """Tokenize prompt (and optional target, with leading space) pairs into one padded :class:`Batch`."""
+    if targets is not None and len(targets) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    rows, plen, tlen = [], [], []
+    for i, prompt in enumerate(prompts):
+        x = encode(tok, prompt)
+        y = encode(tok, with_space(targets[i])) if targets is not None else []
+        if not x:
+            raise ValueError(f"prompt {i} tokenizes to nothing: {prompt!r}")
+        if targets is not None and not y:
+            raise ValueError(f"target {i} tokenizes to nothing: {targets[i]!r}")
+        rows.append(x + y)
+        plen.append(len(x))
+        tlen.append(len(y))
+    T = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    starts = []
+    for i, r in enumerate(rows):
+        s = 0 if padding_side == "right" else T - len(r)
+        ids[i, s : s + len(r)] = torch.tensor(r)
+        mask[i, s : s + len(r)] = 1
+        starts.append(s)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids, mask, pos, plen, tlen, starts)
+
+
+def target_token_logprobs(logits: torch.Tensor, batch: Batch) -> list[torch.Tensor]:
+    """Per-row log p of each target token, from logits (B, T, V) of a prompt‖target batch."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for i in range(logits.shape[0]):
+        s, p, t = batch.start[i], batch.prompt_len[i], batch.target_len[i]
+        cols = torch.arange(s + p - 1, s + p - 1 + t)  # logits at position c score token c+1
+        out.append(logp[i, cols, batch.input_ids[i, cols + 1]])
+    return out
+
+
+def target_logprob_from_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(B,) summed log p(target | prompt) from logits (B, T, V); keeps the autograd graph."""
+    return torch.stack([lp.sum() for lp in target_token_logprobs(logits, batch)])
+
+
+def target_logprobs(
+    model: nn.Module,
+    tok,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 64,
+    padding_side: str = "right",
+) -> torch.Tensor:
+    """(N,) log p(target_i | prompt_i), summed over all target tokens. No gradients.
+
+    Any hooks installed on ``model`` by the caller (noise, edits) apply to every pass.
+    """
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            b = make_batch(tok, prompts[i : i + batch_size], targets[i : i + batch_size], padding_side)
+            logits = model(**b.model_inputs()).logits
+            out.append(target_logprob_from_logits(logits, b))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def target_probs(model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str], **kw) -> torch.Tensor:
+    """(N,) p(target_i | prompt_i): the product over all target tokens (SCIENCE.md §3)."""
+    return target_logprobs(model, tok, prompts, targets, **kw).exp()
+
+
+def text_token_logprobs(model: nn.Module, tok, texts: Sequence[str], max_tokens: int = 100) -> list[torch.Tensor]:
+    """Per text, log p(x_i | x_<i) for i = 2..N (N = token count after truncation to ``max_tokens``)."""
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = encode(tok, text)[:max_tokens]
+            if len(ids) < 2:
+                out.append(torch.zeros(0))
+                continue
+            x = torch.tensor([ids])
+            logp = torch.log_softmax(model(input_ids=x).logits.float(), -1)[0]
+            out.append(logp[torch.arange(len(ids) - 1), x[0, 1:]])
+    return out
+
+
+def _strip_special(tok, ids: list[int]) -> list[int]:
+    drop = {tok.eos_token_id, tok.pad_token_id}
+    return [i for i in ids if i not in drop]
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tok,
+    prompts: Sequence[str],
+    max_new_tokens: int | None = None,
+    max_out_len: int | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> list[str]:
+    """Continue each prompt; returns the decoded **continuations** (prompt removed, eos dropped, stripped).
+
+    Greedy when ``top_k`` is None, else top-k multinomial sampling from a ``torch.Generator`` seeded with
+    ``seed`` (so the same seed gives the same text). Length: ``max_new_tokens`` new tokens, or
+    ``max_out_len`` tokens in total including the prompt (ROME's sampler convention; a prompt already that
+    long gets no new token). Uses the key/value cache; hooks on the model see the full prompt on the first
+    pass and single tokens afterwards.
+    """
+    if (max_new_tokens is None) == (max_out_len is None):
+        raise ValueError("give exactly one of max_new_tokens, max_out_len")
+    gen = torch.Generator().manual_seed(seed)
+    texts: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = list(prompts[i : i + batch_size])
+        b = make_batch(tok, chunk, None, padding_side="left")
+        lens = b.prompt_len
+        steps = max_new_tokens if max_new_tokens is not None else max(0, max_out_len - min(lens))
+        budget = [
+            max_new_tokens if max_new_tokens is not None else max(0, max_out_len - n) for n in lens
+        ]
+        new = torch.zeros((len(chunk), 0), dtype=torch.long)
+        ids, mask, pos = b.input_ids, b.attention_mask, b.position_ids
+        past = None
+        for _ in range(steps):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1].float()
+            if top_k is None:
+                nxt = logits.argmax(-1)
+            else:
+                vals, idx = logits.topk(top_k, dim=-1)
+                choice = torch.multinomial(torch.softmax(vals, -1), 1, generator=gen)[:, 0]
+                nxt = idx.gather(1, choice[:, None])[:, 0]
+            new = torch.cat([new, nxt[:, None]], 1)
+            ids = nxt[:, None]
+            pos = pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(ids)], 1)
+        for r in range(len(chunk)):
+            toks = _strip_special(tok, new[r, : budget[r]].tolist())
+            texts.append(tok.decode(toks).strip())
+    return texts
+
+
+def is_correct(continuation: str, target_true: str) -> bool:
+    """The paper's correctness test: lower(strip(o_true)) is a substring of lower(strip(continuation))."""
+    return target_true.strip().lower() in continuation.strip().lower()
