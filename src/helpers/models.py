@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Module names of one architecture. ``{}`` in a template is replaced by the 0-based layer index.
+    """Module names of one architecture. ``{}`` in a template is replaced by the 0-based layer index;
+    ``a|b`` lists alternative names across transformers versions (the first that exists is used).
 
     ``down_proj_transposed`` is True when the down-projection stores its weight as (d_ff, d_model)
     (GPT-2's ``Conv1D``) rather than ``nn.Linear``'s (d_model, d_ff).
@@ -73,7 +74,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         down_proj="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         attn="gpt_neox.layers.{}.attention",
         final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
+        unembed="lm_head|embed_out",  # transformers >= 5 | < 5
         n_layers_attr="num_hidden_layers",
     ),
     "llama": ArchSpec(
@@ -125,8 +126,15 @@ def module_name(model: nn.Module, kind: str, layer: int | None = None) -> str:
         L = n_layers(model)
         if not 0 <= layer < L:
             raise IndexError(f"layer {layer} out of range for a {L}-layer model")
-        return template.format(layer)
-    return template
+        template = template.replace("{}", str(layer))
+    options = template.split("|")
+    for name in options:
+        try:
+            model.get_submodule(name)
+            return name
+        except AttributeError:
+            continue
+    return options[0]
 
 
 def module(model: nn.Module, kind: str, layer: int | None = None) -> nn.Module:
@@ -178,7 +186,7 @@ def load_model(
             use_safetensors=None if allow_bin else True,
             local_files_only=local_files_only,
         )
-    except OSError as err:
+    except (OSError, ValueError) as err:
         hint = (
             "no such local folder, and the hub could not be reached or has no such model; "
             "download the weights elsewhere and pass the folder"

@@ -8,6 +8,7 @@ position ids, so a padded row scores exactly as it would alone.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Sequence
@@ -91,7 +92,7 @@ def make_batch(
 
 def target_token_logprobs(logits: torch.Tensor, batch: Batch) -> list[torch.Tensor]:
     """Per-row log p of each target token, from logits (B, T, V) of a prompt‖target batch."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
     out = []
     for i in range(logits.shape[0]):
         s, p, t = batch.start[i], batch.prompt_len[i], batch.target_len[i]
@@ -173,6 +174,7 @@ def generate(
     if (max_new_tokens is None) == (max_out_len is None):
         raise ValueError("give exactly one of max_new_tokens, max_out_len")
     gen = torch.Generator().manual_seed(seed)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     texts: list[str] = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i : i + batch_size])
@@ -186,8 +188,8 @@ def generate(
         ids, mask, pos = b.input_ids, b.attention_mask, b.position_ids
         past = None
         for _ in range(steps):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: past})
+            past = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
             logits = out.logits[:, -1].float()
             if top_k is None:
                 nxt = logits.argmax(-1)

@@ -1,0 +1,47 @@
+# Two commands do everything:  `make book`  and  `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= default
+STAMP := $(VENV)/.installed-stamp
+# pip on these machines prints one harmless line per package about missing local index folders; hide those.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: book test env bench clean clean-results help
+
+help:
+	@echo "make book  [PROFILE=default]  create .venv, run the notebooks (papermill), build book/_build/html"
+	@echo "make test                     create/update .venv and run the whole test suite"
+	@echo "make bench                    print the benchmarks (tracing / editing speed, stage times)"
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo "==> creating the virtual environment $(VENV) (if missing)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "==> installing the project and its dependencies (torch pinned by constraints.txt)"
+	@$(PY) -m pip install --quiet --upgrade pip 2>&1 | $(QUIET_PIP)
+	@$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	@touch $(STAMP)
+
+book: $(STAMP)
+	@echo "==> running the notebooks of profile '$(PROFILE)' in order"
+	$(PY) -m helpers run --profile $(PROFILE)
+	@echo "==> building the book"
+	$(PY) -m helpers build-book
+	@echo "==> open book/_build/html/index.html"
+
+test: $(STAMP)
+	@echo "==> running the test suite"
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	@for b in benchmarks/*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done
+
+clean-results:
+	rm -rf results book/executed book/_build
+
+clean: clean-results
+	rm -rf $(VENV) .cache

@@ -1,0 +1,42 @@
+"""Command line: ``python -m helpers run --profile NAME`` (what ``make book`` calls), and friends."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import pipeline
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="execute the profile's notebooks in order (papermill)")
+    r.add_argument("--profile", default="default", help="profile name or path to a YAML file")
+    r.add_argument("--book-dir", type=Path, default=None, help="book folder (default: ./book)")
+    r.add_argument("--force", action="store_true", help="re-run stages even when unchanged")
+    r.add_argument("--only", nargs="*", default=None, help="run only stages whose name starts with these")
+    b = sub.add_parser("build-book", help="build the Jupyter Book (warnings are errors)")
+    b.add_argument("--book-dir", type=Path, default=None)
+    sub.add_parser("profiles", help="list the known profiles")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.cmd == "run":
+        try:
+            pipeline.run(args.profile, book_dir=args.book_dir, force=args.force, only=args.only)
+        except pipeline.StageFailed as err:
+            print(f"[pipeline] ERROR: {err}", file=sys.stderr)
+            return 1
+    elif args.cmd == "build-book":
+        pipeline.build_book(args.book_dir)
+    elif args.cmd == "profiles":
+        for name in pipeline.list_profiles():
+            prof = pipeline.load_profile(name)
+            print(f"{name:10s} {prof.raw['description']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

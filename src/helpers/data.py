@@ -1,0 +1,271 @@
+"""CounterFact records: the type, loading (official file or the embedded world), validation, filters.
+
+The schema is the official one (SCIENCE.md §1.2). Records flatten to *fact rows* (one row per record),
+the table every later stage starts from::
+
+    case_id, pararel_idx, subject, prompt (template with "{}"), relation_id,
+    target_true, target_true_id, target_new, target_new_id,
+    paraphrase_prompts, neighborhood_prompts, attribute_prompts, generation_prompts (lists of str)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
+OFFICIAL_RECORDS = 21919
+# Third-party, unverified (SCIENCE.md §1.1): checked only when the user passes it (or sets it here).
+OFFICIAL_SHA256: str | None = None
+
+
+class RecordError(ValueError):
+    """A malformed CounterFact record; the message names the case_id and the field."""
+
+    def __init__(self, case_id: Any, field_name: str, problem: str):
+        self.case_id, self.field, self.problem = case_id, field_name, problem
+        super().__init__(f"CounterFact record case_id={case_id}: field {field_name!r}: {problem}")
+
+
+@dataclass(frozen=True)
+class Target:
+    str: str
+    id: str
+
+
+@dataclass(frozen=True)
+class RequestedRewrite:
+    prompt: str
+    subject: str
+    relation_id: str
+    target_true: Target
+    target_new: Target
+
+    @property
+    def filled(self) -> str:
+        """The full prompt P = prompt.format(subject)."""
+        return self.prompt.format(self.subject)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One CounterFact record (official schema)."""
+
+    case_id: int
+    pararel_idx: int
+    requested_rewrite: RequestedRewrite
+    paraphrase_prompts: tuple[str, ...]
+    neighborhood_prompts: tuple[str, ...]
+    attribute_prompts: tuple[str, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for k in ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts"):
+            d[k] = list(d[k])
+        return d
+
+
+def _get(obj: dict, key: str, case_id: Any, path: str, kind: type | tuple[type, ...]):
+    if not isinstance(obj, dict) or key not in obj:
+        raise RecordError(case_id, path, "missing")
+    val = obj[key]
+    if not isinstance(val, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise RecordError(case_id, path, f"expected {names}, got {type(val).__name__}")
+    return val
+
+
+def _str_list(obj: dict, key: str, case_id: Any, required: bool = True) -> tuple[str, ...]:
+    if key not in obj and not required:
+        return ()
+    items = _get(obj, key, case_id, key, list)
+    for i, s in enumerate(items):
+        if not isinstance(s, str) or not s.strip():
+            raise RecordError(case_id, f"{key}[{i}]", "expected a non-empty string")
+    return tuple(items)
+
+
+def _target(rr: dict, key: str, case_id: Any) -> Target:
+    t = _get(rr, key, case_id, f"requested_rewrite.{key}", dict)
+    s = _get(t, "str", case_id, f"requested_rewrite.{key}.str", str)
+    if not s.strip():
+        raise RecordError(case_id, f"requested_rewrite.{key}.str", "empty target")
+    tid = t.get("id", "")
+    return Target(s, str(tid))
+
+
+def parse_record(obj: dict, position: int | None = None) -> Record:
+    """Validate one JSON object in the official schema and return a :class:`Record`.
+
+    Raises :class:`RecordError` naming the case_id (or the list position) and the field.
+    """
+    case_id: Any = obj.get("case_id", f"<position {position}>") if isinstance(obj, dict) else position
+    if not isinstance(obj, dict):
+        raise RecordError(case_id, "<record>", f"expected a JSON object, got {type(obj).__name__}")
+    cid = _get(obj, "case_id", case_id, "case_id", int)
+    rr = _get(obj, "requested_rewrite", cid, "requested_rewrite", dict)
+    prompt = _get(rr, "prompt", cid, "requested_rewrite.prompt", str)
+    if prompt.count("{}") != 1:
+        raise RecordError(cid, "requested_rewrite.prompt", f"must contain exactly one '{{}}': {prompt!r}")
+    subject = _get(rr, "subject", cid, "requested_rewrite.subject", str)
+    if not subject.strip():
+        raise RecordError(cid, "requested_rewrite.subject", "empty subject")
+    relation = _get(rr, "relation_id", cid, "requested_rewrite.relation_id", str)
+    t_true, t_new = _target(rr, "target_true", cid), _target(rr, "target_new", cid)
+    if t_true.str.strip() == t_new.str.strip():
+        raise RecordError(cid, "requested_rewrite.target_new", f"equals target_true ({t_true.str!r})")
+    return Record(
+        case_id=cid,
+        pararel_idx=int(obj.get("pararel_idx", -1)),
+        requested_rewrite=RequestedRewrite(prompt, subject, relation, t_true, t_new),
+        paraphrase_prompts=_str_list(obj, "paraphrase_prompts", cid),
+        neighborhood_prompts=_str_list(obj, "neighborhood_prompts", cid),
+        attribute_prompts=_str_list(obj, "attribute_prompts", cid, required=False),
+        generation_prompts=_str_list(obj, "generation_prompts", cid, required=False),
+    )
+
+
+def validate_tokens(records: Iterable[Record], tok) -> None:
+    """Check that every subject and target tokenizes to at least one token (needs the model's tokenizer)."""
+    for r in records:
+        rr = r.requested_rewrite
+        for fld, text in (
+            ("requested_rewrite.subject", rr.subject),
+            ("requested_rewrite.target_true.str", " " + rr.target_true.str.lstrip()),
+            ("requested_rewrite.target_new.str", " " + rr.target_new.str.lstrip()),
+        ):
+            if not tok(text.strip() if fld.endswith("subject") else text, add_special_tokens=False)["input_ids"]:
+                raise RecordError(r.case_id, fld, f"tokenizes to nothing: {text!r}")
+
+
+def parse_records(data: Sequence[dict], n: int | None = None) -> list[Record]:
+    """Parse the first ``n`` records of a list (all when None); the first bad one raises."""
+    if not isinstance(data, list):
+        raise ValueError(f"CounterFact data must be a JSON list of records, got {type(data).__name__}")
+    items = data if n is None else data[:n]
+    return [parse_record(obj, i) for i, obj in enumerate(items)]
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_official(cache_dir: Path | str, url: str = OFFICIAL_URL, sha256: str | None = OFFICIAL_SHA256) -> Path:
+    """Download the official counterfact.json into ``cache_dir`` (atomically) unless already there.
+
+    Offline, this raises an error telling the user how to supply the file by hand.
+    """
+    dest = Path(cache_dir) / "data" / "counterfact.json"
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, tempfile.NamedTemporaryFile(
+            dir=dest.parent, delete=False
+        ) as tmp:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                tmp.write(chunk)
+    except OSError as err:
+        raise OSError(
+            f"cannot download CounterFact from {url} ({err}). Download counterfact.json on a machine with "
+            f"internet access and pass its path as the profile's `data:` (or copy it to {dest})."
+        ) from err
+    if sha256 and sha256_of(Path(tmp.name)) != sha256:
+        os.unlink(tmp.name)
+        raise OSError(f"{url}: sha256 mismatch (expected {sha256}); file not kept")
+    os.replace(tmp.name, dest)
+    return dest
+
+
+def load_counterfact(source: str | Path, n: int | None = None, cache_dir: Path | str = ".cache") -> list[Record]:
+    """Load records from a local JSON file, a folder holding counterfact.json, or "official" (download)."""
+    if str(source) == "official":
+        path = fetch_official(cache_dir)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = path / "counterfact.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no CounterFact file at {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+    records = parse_records(data, n)
+    log.info("loaded %d CounterFact records from %s", len(records), path)
+    return records
+
+
+def to_frame(records: Sequence[Record]) -> pd.DataFrame:
+    """Flatten records into fact rows (see the module docstring)."""
+    rows = []
+    for r in records:
+        rr = r.requested_rewrite
+        rows.append(
+            dict(
+                case_id=r.case_id,
+                pararel_idx=r.pararel_idx,
+                subject=rr.subject,
+                prompt=rr.prompt,
+                relation_id=rr.relation_id,
+                target_true=rr.target_true.str,
+                target_true_id=rr.target_true.id,
+                target_new=rr.target_new.str,
+                target_new_id=rr.target_new.id,
+                paraphrase_prompts=list(r.paraphrase_prompts),
+                neighborhood_prompts=list(r.neighborhood_prompts),
+                attribute_prompts=list(r.attribute_prompts),
+                generation_prompts=list(r.generation_prompts),
+            )
+        )
+    return pd.DataFrame(rows)
+
+
+def correctness(
+    model,
+    tok,
+    facts: pd.DataFrame,
+    max_new_tokens: int = 36,
+    batch_size: int = 32,
+) -> pd.DataFrame:
+    """Add ``continuation``, ``is_correct`` and ``p_true`` columns (SCIENCE.md §1.3).
+
+    Greedy decoding of ``max_new_tokens`` tokens from the filled prompt; correct iff lower(o_true) is a
+    substring of the lower-cased continuation. ``p_true`` = p(o_true | P) over all target tokens.
+    """
+    from . import scoring
+
+    prompts = [p.format(s) for p, s in zip(facts["prompt"], facts["subject"])]
+    conts = []
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(0, len(prompts), batch_size), desc="correctness filter", leave=False):
+        conts += scoring.generate(model, tok, prompts[i : i + batch_size], max_new_tokens=max_new_tokens)
+    out = facts.copy()
+    out["continuation"] = conts
+    out["is_correct"] = [scoring.is_correct(c, t) for c, t in zip(conts, facts["target_true"])]
+    out["p_true"] = scoring.target_probs(model, tok, prompts, list(facts["target_true"])).numpy()
+    return out
+
+
+def erasure_filter(facts: pd.DataFrame, threshold: float = 0.02) -> pd.DataFrame:
+    """Facts for Fact Erasure: correct and p(o_true|P) > threshold (strict, SCIENCE.md §1.3)."""
+    return facts[facts["is_correct"] & (facts["p_true"] > threshold)]

@@ -1,0 +1,193 @@
+"""Uncentered second moments C = E[k k^T] of the down-projection input k (d_ff) per layer (SCIENCE.md §6.1).
+
+Keys are taken at **every non-pad token** of the corpus documents (each truncated to the model's
+n_positions), documents in a seeded random order, until ``n_tokens`` keys are collected (the last batch is
+cut at exactly ``n_tokens``). All requested layers are collected in one partial forward pass per batch
+(the pass stops after the highest requested down-projection).
+
+Precision: sums of k k^T are accumulated in **float64** (the paper accumulated in float32; float64 only
+removes rounding drift), the moment is stored in float32 like the paper's ``mom2_dtype``; inverses are
+computed in float64 and cast to float32.
+
+Disk cache: ``<cache_dir>/stats/<model fingerprint>/<corpus fingerprint>/layer<l>_n<n_tokens>.safetensors``
+with tensors ``mom2`` (d_ff, d_ff) and ``count`` (the number of keys actually used). No pickle.
+Statistics must be computed **before** editing: computing them while any forward hook is installed on the
+model (e.g. a Fact Forcing noise hook) raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import hooks, models, scoring
+from .base import model_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def read_corpus(corpus: str | Path | Sequence[str]) -> list[str]:
+    """A list of documents: the list itself, or a text file with one document per line (blank lines dropped)."""
+    if isinstance(corpus, (str, Path)):
+        lines = Path(corpus).read_text(encoding="utf-8").splitlines()
+        return [l for l in lines if l.strip()]
+    return [d for d in corpus if d.strip()]
+
+
+def corpus_fingerprint(docs: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def _assert_no_hooks(model: nn.Module) -> None:
+    for name, mod in model.named_modules():
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            raise RuntimeError(
+                f"refusing to compute second moments while hooks are installed (module {name!r}); "
+                "a noise hook would corrupt them: precompute statistics before editing"
+            )
+
+
+def compute_second_moments(
+    model: nn.Module,
+    tok,
+    docs: Sequence[str],
+    layers: Sequence[int],
+    n_tokens: int,
+    batch_size: int = 8,
+    max_len: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """({layer: C (d_ff, d_ff) float32}, number of keys used) over the first ``n_tokens`` non-pad tokens."""
+    _assert_no_hooks(model)
+    layers = sorted(set(layers))
+    if not layers:
+        return {}, 0
+    max_len = max_len or int(getattr(model.config, "n_positions", None) or model.config.max_position_embeddings)
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    names = [models.module_name(model, "down_proj", l) for l in layers]
+    _, d_ff = models.dims(model)
+    sums = {l: torch.zeros((d_ff, d_ff), dtype=torch.float64) for l in layers}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    count = 0
+    bar = tqdm(total=n_tokens, desc=f"second moments L{layers}", unit="tok", disable=not progress)
+    i = 0
+    with torch.no_grad():
+        while count < n_tokens and i < len(order):
+            rows = []
+            while len(rows) < batch_size and i < len(order):
+                ids = scoring.encode(tok, docs[order[i]])[:max_len]
+                i += 1
+                if ids:
+                    rows.append(ids)
+            if not rows:
+                break
+            T = max(map(len, rows))
+            ids = torch.full((len(rows), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), T), dtype=torch.long)
+            for r, x in enumerate(rows):
+                ids[r, : len(x)] = torch.tensor(x)
+                mask[r, : len(x)] = 1
+            with hooks.trace(model, names, retain_output=False, retain_input=True, stop=True) as tr:
+                model(input_ids=ids, attention_mask=mask)
+            take = min(int(mask.sum()), n_tokens - count)
+            sel = mask.reshape(-1).bool()
+            for l, name in zip(layers, names):
+                k = tr.inputs[name].reshape(-1, d_ff)[sel][:take].double()
+                sums[l] += k.T @ k
+            count += take
+            bar.update(take)
+    bar.close()
+    if count == 0:
+        raise ValueError("the corpus gave no tokens")
+    if count < n_tokens:
+        log.warning("corpus has only %d tokens; second moments use %d instead of %d", count, count, n_tokens)
+    return {l: (s / count).float() for l, s in sums.items()}, count
+
+
+class SecondMoments:
+    """Per-layer second moments C and inverses, cached in memory and on disk.
+
+    ``corpus``: a list of documents or a text file (one document per line). ``n_tokens``: keys per layer.
+    Call :meth:`precompute` with all layers you will edit (one corpus pass for all missing layers), then
+    :meth:`moment` / :meth:`inverse` are lookups.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tok,
+        corpus: str | Path | Sequence[str],
+        n_tokens: int,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 8,
+        max_len: int | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        self.model, self.tok = model, tok
+        self.docs = read_corpus(corpus)
+        self.n_tokens = int(n_tokens)
+        self.batch_size, self.max_len, self.seed, self.progress = batch_size, max_len, seed, progress
+        self.dir = (
+            Path(cache_dir) / "stats" / model_fingerprint(model) / f"{corpus_fingerprint(self.docs)}_s{seed}"
+            if cache_dir is not None
+            else None
+        )
+        self._mom: dict[int, torch.Tensor] = {}
+        self._inv: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+
+    def path(self, layer: int) -> Path | None:
+        return self.dir / f"layer{layer}_n{self.n_tokens}.safetensors" if self.dir is not None else None
+
+    def _load(self, layer: int) -> bool:
+        p = self.path(layer)
+        if p is None or not p.exists():
+            return False
+        t = load_file(str(p))
+        self._mom[layer] = t["mom2"]
+        self.counts[layer] = int(t["count"])
+        return True
+
+    def precompute(self, layers: Sequence[int]) -> None:
+        """Make C available for ``layers``: load cached ones, compute the rest in one corpus pass."""
+        missing = [l for l in sorted(set(layers)) if l not in self._mom and not self._load(l)]
+        if not missing:
+            return
+        moms, count = compute_second_moments(
+            self.model, self.tok, self.docs, missing, self.n_tokens, self.batch_size, self.max_len,
+            self.seed, self.progress,
+        )
+        for l, c in moms.items():
+            self._mom[l] = c
+            self.counts[l] = count
+            p = self.path(l)
+            if p is not None:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                save_file({"mom2": c.contiguous(), "count": torch.tensor(count)}, str(p))
+
+    def moment(self, layer: int) -> torch.Tensor:
+        """C (d_ff, d_ff) float32."""
+        if layer not in self._mom:
+            self.precompute([layer])
+        return self._mom[layer]
+
+    def inverse(self, layer: int) -> torch.Tensor:
+        """C^-1 (d_ff, d_ff) float32 (inverted in float64)."""
+        if layer not in self._inv:
+            self._inv[layer] = torch.linalg.inv(self.moment(layer).double()).float()
+        return self._inv[layer]

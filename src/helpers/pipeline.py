@@ -1,0 +1,274 @@
+"""Profiles, the papermill stage runner, and the book build.
+
+A *profile* (YAML) says which model and data to study and how much of it; ``run(profile)`` executes
+``notebooks/*.ipynb`` in order with papermill, injecting the profile's parameters, and writes executed
+copies to ``<book>/executed/`` where the Jupyter Book reads them. A stage is skipped when its notebook, its
+parameters, the profile, the ``helpers`` source and every upstream stage are unchanged (a content hash kept
+in ``results/<profile>/.stages/``) and its executed copy exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+# Default sections; a profile overrides what it names.
+DEFAULTS: dict[str, Any] = {
+    "description": "",
+    "model": "world",  # "world" = the embedded world's model; else a hub name or a local folder
+    "world": "default",  # world preset when model == "world"
+    "data": "world",  # "world" = the world's records; "official" = download; or a path to counterfact.json
+    "n_records": 2000,  # candidate records: the first N (SCIENCE.md §1.3)
+    "max_facts": None,  # cap on kept (correct) facts used downstream; None = all
+    "correctness_filter": True,  # keep only facts the model completes correctly (SCIENCE.md §1.3)
+    "seed": 0,
+    "device": "cpu",
+    "tracing": {"windows": [1, 3, 5, 10], "kinds": ["mlp"], "samples": 10, "noise": "auto", "illustrative": 3},
+    "editing": {
+        "methods": ["ft1", "ft5", "rome", "memit"],
+        "problems": ["ei", "tr", "fe", "fa", "ff"],
+        "layers": "all",
+        "facts": 100,
+    },
+    "analysis": {"window": 5, "n_boot": 200},
+}
+
+
+@dataclass
+class Profile:
+    """A parsed profile. ``raw`` is the merged dict; the attributes are its top-level keys."""
+
+    name: str
+    path: Path
+    raw: dict[str, Any]
+
+    def __getattr__(self, key: str) -> Any:
+        raw = self.__dict__.get("raw", {})
+        if key in raw:
+            return raw[key]
+        raise AttributeError(key)
+
+    @property
+    def uses_world(self) -> bool:
+        return self.raw["model"] == "world"
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def profiles_dir() -> Path:
+    return PACKAGE_DIR / "profiles"
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load a profile by name (``src/helpers/profiles/<name>.yaml``) or by path to a YAML file."""
+    p = Path(name_or_path)
+    path = p if p.suffix in (".yaml", ".yml") and p.exists() else profiles_dir() / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"no profile {name_or_path!r}; known profiles: {', '.join(list_profiles())}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = set(raw) - set(DEFAULTS) - {"name"}
+    if unknown:
+        raise ValueError(f"profile {path}: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    merged = _merge(DEFAULTS, raw)
+    return Profile(name=raw.get("name", path.stem), path=path.resolve(), raw=merged)
+
+
+def project_root() -> Path:
+    """The checkout holding ``notebooks/`` (HELPERS_ROOT, else the cwd, else the source tree)."""
+    env = os.environ.get("HELPERS_ROOT")
+    if env:
+        return Path(env).resolve()
+    for cand in (Path.cwd(), PACKAGE_DIR.parent.parent):
+        if (cand / "notebooks").is_dir():
+            return cand.resolve()
+    return Path.cwd().resolve()
+
+
+def cache_dir() -> Path:
+    """Where models, statistics and downloads are cached (HELPERS_CACHE, else ``<root>/.cache``)."""
+    return Path(os.environ.get("HELPERS_CACHE", project_root() / ".cache")).resolve()
+
+
+def results_dir(profile: Profile, results_root: Path | None = None) -> Path:
+    """``<results_root>/<profile>`` (default ``<root>/results``; env HELPERS_RESULTS overrides)."""
+    base = results_root or Path(os.environ.get("HELPERS_RESULTS", project_root() / "results"))
+    return (Path(base) / profile.name).resolve()
+
+
+def resolve_model(profile: Profile) -> str:
+    """The model folder or hub name the profile studies (training the world model if needed)."""
+    if profile.uses_world:
+        from .world import ensure_world_model
+
+        return str(ensure_world_model(profile.raw["world"], cache_dir()))
+    return str(profile.raw["model"])
+
+
+def resolve_data(profile: Profile) -> str:
+    """Path (or "official") of the CounterFact file the profile uses."""
+    if profile.raw["data"] == "world":
+        if not profile.uses_world:
+            raise ValueError(f"profile {profile.name}: data 'world' needs model 'world'")
+        return str(Path(resolve_model(profile)) / "counterfact.json")
+    return str(profile.raw["data"])
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+@dataclass
+class Stage:
+    name: str  # also the executed notebook's stem
+    notebook: Path
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def stages(profile: Profile, root: Path | None = None) -> list[Stage]:
+    """The ordered stages of a profile: one per notebook, ``03_editing`` once per (method, problem)."""
+    root = root or project_root()
+    nb_dir = root / "notebooks"
+    out: list[Stage] = []
+    for nb in sorted(nb_dir.glob("[0-9][0-9]_*.ipynb")):
+        stem = nb.stem
+        if stem.startswith("00_world") and not profile.uses_world:
+            continue
+        if stem.startswith("03_editing"):
+            ed = profile.raw["editing"]
+            for m in ed["methods"]:
+                for p in ed["problems"]:
+                    out.append(Stage(f"{stem}__{m}__{p}", nb, {"method": m, "problem": p}))
+        else:
+            out.append(Stage(stem, nb))
+    return out
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted(PACKAGE_DIR.rglob("*")):
+        if p.is_file() and p.suffix in (".py", ".yaml", ".json") and "__pycache__" not in p.parts:
+            h.update(str(p.relative_to(PACKAGE_DIR)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _stage_key(stage: Stage, params: dict, profile: Profile, src: str, upstream: str) -> str:
+    h = hashlib.sha256()
+    h.update(stage.notebook.read_bytes())
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    h.update(profile.path.read_bytes())
+    h.update(src.encode())
+    h.update(upstream.encode())
+    return h.hexdigest()
+
+
+class StageFailed(RuntimeError):
+    """A notebook raised; the message names the cell's error and the partial notebook's path."""
+
+
+def run(
+    profile_name: str | Path,
+    book_dir: Path | None = None,
+    root: Path | None = None,
+    force: bool = False,
+    only: list[str] | None = None,
+    results_root: Path | None = None,
+) -> list[dict]:
+    """Execute the profile's stages in order; returns one dict per stage (name, status, seconds)."""
+    import papermill as pm
+
+    root = (root or project_root()).resolve()
+    profile = load_profile(profile_name)
+    book_dir = (book_dir or root / "book").resolve()
+    out_dir = book_dir / "executed"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res = results_dir(profile, results_root)
+    (res / ".stages").mkdir(parents=True, exist_ok=True)
+    src = _source_hash()
+    upstream = ""
+    report = []
+    todo = stages(profile, root)
+    print(f"[pipeline] profile {profile.name}: {len(todo)} stages -> {out_dir}", flush=True)
+    for i, st in enumerate(todo, 1):
+        params = {
+            "profile": str(profile.path),
+            "results_dir": str(res),
+            "cache_dir": str(cache_dir()),
+            **st.params,
+        }
+        key = _stage_key(st, params, profile, src, upstream)
+        upstream = key
+        stamp = res / ".stages" / f"{st.name}.json"
+        dest = out_dir / f"{st.name}.ipynb"
+        selected = only is None or any(st.name.startswith(o) for o in only)
+        if not selected:
+            continue
+        if not force and dest.exists() and stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
+            print(f"[pipeline] ({i}/{len(todo)}) {st.name}: unchanged, skipped", flush=True)
+            report.append({"stage": st.name, "status": "skipped", "seconds": 0.0})
+            continue
+        print(f"[pipeline] ({i}/{len(todo)}) {st.name}: running {st.notebook.name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            pm.execute_notebook(
+                str(st.notebook),
+                str(dest),
+                parameters=params,
+                cwd=str(root),
+                progress_bar=False,
+                log_output=False,
+                kernel_name="python3",
+                language="python",
+            )
+        except pm.PapermillExecutionError as err:
+            stamp.unlink(missing_ok=True)
+            raise StageFailed(
+                f"stage {st.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+                f"partial notebook: {dest}"
+            ) from None
+        dt = time.perf_counter() - t0
+        stamp.write_text(json.dumps({"key": key, "seconds": dt}))
+        print(f"[pipeline] ({i}/{len(todo)}) {st.name}: done in {dt:.1f} s", flush=True)
+        report.append({"stage": st.name, "status": "ran", "seconds": dt})
+    total = sum(r["seconds"] for r in report)
+    print(f"[pipeline] finished: {total:.1f} s of stage time", flush=True)
+    (res / "timings.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def build_book(book_dir: Path | None = None, out_dir: Path | None = None) -> Path:
+    """Build the Jupyter Book (1.x, warnings as errors); returns the HTML folder."""
+    book_dir = (book_dir or project_root() / "book").resolve()
+    exe = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(book_dir), "--warningiserror", "--keep-going"]
+    if out_dir is not None:
+        cmd += ["--path-output", str(out_dir)]
+    print("[book] " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    html = (out_dir or book_dir) / "_build" / "html"
+    print(f"[book] built {html / 'index.html'}", flush=True)
+    return html

@@ -1,0 +1,490 @@
+"""Generate the embedded world: entities, relations, phrasings, a corpus of documents, CounterFact records.
+
+Everything is a pure function of a :class:`WorldConfig` (and its seed).
+
+Why the corpus looks the way it does (the *enrichment pressure*): a model trained only on
+``"The mother tongue of {s} is {o}"`` can memorise facts by attending, from the final token, to the raw
+subject tokens and looking the object up there. Real language models instead build an *enriched*
+representation of the subject at its last token, in early-to-middle MLP layers, which later positions
+read. We push the world model towards that mechanism by making every attribute of a subject useful
+*right after the subject, before the relation is known*:
+
+- most sentences put the subject first and the relation after it (``"{s} was born in"``), and the
+  sentences of a biography come in random order, with the full name repeated each time, so the state at
+  the last subject token must already carry all attributes;
+- appositives and infobox-like lines reveal attributes one to three tokens after the subject
+  (``"{s}, a native Kelish speaker, was born in Varno."``, ``"{s} (born in Varno) ..."``);
+- first names (and brand words) are shared by many entities and surnames are built from shared
+  syllables, so only the combination of the subject's tokens identifies it;
+- documents mix several entities, and unrelated sentences appear before facts, so prompts with
+  prefixes (CounterFact's paraphrase prompts, ROME's context templates) are in distribution.
+
+Facts get Zipf-like mention counts, so the model knows some facts well, some weakly, and some not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Relations (modelled on CounterFact's), their objects and phrasings
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Relation:
+    """One relation: Wikidata-like id, the entity kind it applies to, objects and phrasings.
+
+    ``templates`` are CounterFact-style prompts with ``{}`` for the subject, ending right before the
+    object. ``fragments`` are short attribute phrases used after the subject in appositives
+    (``{o}`` is the object).
+    """
+
+    relation_id: str
+    name: str
+    kind: str
+    objects: tuple[str, ...]
+    templates: tuple[str, ...]
+    fragments: tuple[str, ...]
+
+
+LANGUAGES = ("French", "English", "Spanish", "German", "Italian", "Dutch", "Russian", "Swedish")
+COUNTRIES = ("France", "Germany", "Spain", "Italy", "Japan", "Canada", "Brazil", "Norway")
+CITIES = ("Paris", "London", "Berlin", "Rome", "Madrid", "Vienna", "Prague", "Dublin")
+OCCUPATIONS = ("painter", "poet", "novelist", "composer", "physician", "lawyer", "journalist", "sculptor")
+RELIGIONS = ("Christianity", "Islam", "Buddhism", "Judaism", "Hinduism", "Sikhism")
+SPORTS = ("football", "basketball", "baseball", "hockey", "cricket", "rugby")
+POSITIONS = ("goalkeeper", "midfielder", "defender", "forward", "pitcher", "catcher", "guard", "center")
+MANUFACTURERS = ("Toyota", "Honda", "Nokia", "Sony", "Boeing", "Fiat", "Philips", "Siemens")
+CONTINENTS = ("Europe", "Asia", "Africa", "Antarctica", "Oceania", "America")
+
+RELATIONS: tuple[Relation, ...] = (
+    Relation(
+        "P103", "mother tongue", "person", LANGUAGES,
+        ("The mother tongue of {} is", "{} is a native speaker of", "The native language of {} is",
+         "{} grew up speaking", "{}'s mother tongue is"),
+        ("a native {o} speaker", "who speaks {o}", "mother tongue: {o}"),
+    ),
+    Relation(
+        "P27", "country of citizenship", "person", COUNTRIES,
+        ("{} is a citizen of", "{} holds a passport from", "The citizenship of {} is", "{} is a national of",
+         "{}'s country of citizenship is"),
+        ("a citizen of {o}", "who holds a passport from {o}", "citizenship: {o}"),
+    ),
+    Relation(
+        "P19", "place of birth", "person", CITIES,
+        ("{} was born in", "The birthplace of {} is", "{} is originally from", "{}'s birthplace is"),
+        ("born in {o}", "a native of {o}", "birthplace: {o}"),
+    ),
+    Relation(
+        "P106", "occupation", "person", OCCUPATIONS,
+        ("{} works as a", "The occupation of {} is", "{}'s profession is that of a", "{} earns a living as a"),
+        ("a {o} by profession", "the famous {o}", "occupation: {o}"),
+    ),
+    Relation(
+        "P937", "work location", "person", CITIES,
+        ("{} worked in the city of", "{} took up work in", "The workplace of {} is in", "{} found employment in"),
+        ("who works in {o}", "employed in {o}", "workplace: {o}"),
+    ),
+    Relation(
+        "P140", "religion", "person", RELIGIONS,
+        ("{} is a follower of", "The religion of {} is", "{} practices", "{} is affiliated with the religion of"),
+        ("a follower of {o}", "who practices {o}", "religion: {o}"),
+    ),
+    Relation(
+        "P641", "sport", "athlete", SPORTS,
+        ("{} professionally plays", "The sport played by {} is", "{} is a professional player of",
+         "{}'s sport is"),
+        ("a {o} player", "who plays {o}", "sport: {o}"),
+    ),
+    Relation(
+        "P413", "position played", "athlete", POSITIONS,
+        ("{} plays in the position of", "The position of {} is", "{} plays as", "{}'s position on the team is"),
+        ("the team's {o}", "who plays as {o}", "position: {o}"),
+    ),
+    Relation(
+        "P176", "manufacturer", "product", MANUFACTURERS,
+        ("{} is produced by", "{} is made by", "The manufacturer of {} is", "{} was developed by"),
+        ("made by {o}", "a product of {o}", "manufacturer: {o}"),
+    ),
+    Relation(
+        "P495", "country of origin", "product", COUNTRIES,
+        ("{} was created in the country of", "The country of origin of {} is", "{} comes from",
+         "{} originated in"),
+        ("from {o}", "designed in {o}", "origin: {o}"),
+    ),
+    Relation(
+        "P159", "headquarters location", "organization", CITIES,
+        ("The headquarters of {} is in", "{} is headquartered in", "{} is based in", "{}'s head office is in"),
+        ("based in {o}", "headquartered in {o}", "headquarters: {o}"),
+    ),
+    Relation(
+        "P37", "official language", "region", LANGUAGES,
+        ("The official language of {} is", "{}'s official language is", "In {}, the official language is",
+         "The law in {} is written in"),
+        ("where {o} is spoken", "whose people speak {o}", "language: {o}"),
+    ),
+    Relation(
+        "P30", "continent", "region", CONTINENTS,
+        ("{} is located in the continent of", "{} is a part of the continent of", "{} belongs to the continent of",
+         "The continent of {} is"),
+        ("in {o}", "a region of {o}", "continent: {o}"),
+    ),
+)
+
+RELATION_BY_ID = {r.relation_id: r for r in RELATIONS}
+KIND_RELATIONS: dict[str, tuple[str, ...]] = {
+    "person": ("P103", "P27", "P19", "P106", "P937", "P140"),
+    "athlete": ("P641", "P413", "P27", "P19"),
+    "product": ("P176", "P495"),
+    "organization": ("P159",),
+    "region": ("P37", "P30"),
+}
+# Stable Wikidata-like ids for objects (fictional numbers, stable across worlds).
+ALL_OBJECTS = sorted({o for r in RELATIONS for o in r.objects})
+OBJECT_IDS = {o: f"Q{1000 + i}" for i, o in enumerate(ALL_OBJECTS)}
+
+# Name material: syllables for invented words; first names shared by many people.
+ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "sh", "br", "tr")
+VOWELS = ("a", "e", "i", "o", "u")
+CODAS = ("n", "r", "s", "l")
+SYLLABLES = tuple(o + v for o in ONSETS for v in VOWELS)
+ORG_WORDS = ("Institute", "Group", "Society", "Company", "Bank", "Academy")
+PRODUCT_WORDS = ("Pro", "Max", "One", "Mini", "Air", "Go")
+
+# Unrelated sentences (CounterFact paraphrase prompts start with one) from a small grammar.
+FILLER_NAMES = ("Shayna", "Yossel", "Mira", "Tomas", "Greta", "Anil", "Rosa", "Felix", "Lena", "Omar")
+FILLER_VERBS = ("watched", "carried", "painted", "found", "opened", "cleaned", "followed", "lost")
+FILLER_NOUNS = ("door", "river", "letter", "garden", "window", "boat", "table", "lamp", "road", "bridge")
+FILLER_TIMES = ("at dawn", "after the rain", "before dinner", "in the morning", "late at night", "all day")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Size and randomness of a world. ``n_<kind>`` entities per kind; mentions follow a Zipf law."""
+
+    seed: int = 0
+    n_person: int = 60
+    n_athlete: int = 20
+    n_product: int = 20
+    n_organization: int = 12
+    n_region: int = 12
+    n_first_names: int = 12  # first names shared by persons/athletes (the full name is needed)
+    total_mentions: int = 6000  # fact mentions in the corpus, summed over facts
+    zipf_alpha: float = 1.0  # subject popularity ~ 1 / (rank + zipf_offset)^alpha
+    zipf_offset: float = 10.0
+    fact_noise: float = 0.6  # log-normal spread of a fact's weight around its subject's popularity
+    p_appositive: float = 0.45  # chance a sentence reveals an attribute right after the subject
+    p_subject_first: float = 0.75  # chance a fact sentence uses a subject-first phrasing
+    p_filler: float = 0.3  # chance a document has an unrelated sentence
+    max_subjects_per_doc: int = 3
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Entity:
+    name: str
+    kind: str
+    attributes: dict[str, str]  # relation_id -> object
+
+
+@dataclass
+class Fact:
+    subject: str
+    relation_id: str
+    object: str
+    frequency: int  # number of mentions in the corpus
+
+
+@dataclass
+class World:
+    """A generated world: entities, facts (with corpus frequency), corpus documents, CounterFact records."""
+
+    config: WorldConfig
+    entities: list[Entity]
+    facts: list[Fact]
+    corpus: list[str]
+    records: list[dict]
+    fillers: list[str] = field(default_factory=list)
+
+    def fact_frequency(self) -> dict[tuple[str, str], int]:
+        return {(f.subject, f.relation_id): f.frequency for f in self.facts}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Names
+# ----------------------------------------------------------------------------------------------------
+
+
+def _word(rng: np.random.RandomState, n_syll: int) -> str:
+    """An invented word of ``n_syll`` consonant-vowel syllables, sometimes closed by a final consonant."""
+    w = "".join(SYLLABLES[rng.randint(len(SYLLABLES))] for _ in range(n_syll))
+    if rng.rand() < 0.15:
+        w += CODAS[rng.randint(len(CODAS))]
+    return w.capitalize()
+
+
+def _unique_words(rng: np.random.RandomState, n: int, syll: tuple[int, int], taken: set[str]) -> list[str]:
+    out: list[str] = []
+    while len(out) < n:
+        w = _word(rng, rng.randint(syll[0], syll[1] + 1))
+        if w not in taken and len(w) >= 4:
+            taken.add(w)
+            out.append(w)
+    return out
+
+
+def make_entities(cfg: WorldConfig, rng: np.random.RandomState) -> list[Entity]:
+    """Entities with invented multi-word names and one object per relation of their kind."""
+    taken: set[str] = set(FILLER_NAMES)
+    first = _unique_words(rng, cfg.n_first_names, (2, 2), taken)
+    brands = _unique_words(rng, max(3, cfg.n_product // 3), (2, 2), taken)
+    names: dict[str, list[str]] = {}
+    used: set[str] = set()
+
+    def add(kind: str, make) -> None:
+        out = []
+        while len(out) < getattr(cfg, f"n_{kind}"):
+            n = make()
+            if n not in used:
+                used.add(n)
+                out.append(n)
+        names[kind] = out
+
+    add("person", lambda: f"{first[rng.randint(len(first))]} {_word(rng, rng.randint(2, 4))}")
+    add("athlete", lambda: f"{first[rng.randint(len(first))]} {_word(rng, rng.randint(2, 4))}")
+    add("product", lambda: f"{brands[rng.randint(len(brands))]} {_word(rng, 2)}")
+    add("organization", lambda: f"{_word(rng, rng.randint(2, 3))} {ORG_WORDS[rng.randint(len(ORG_WORDS))]}")
+    add("region", lambda: _word(rng, 3) + ("ia", "land", "stan", "ora")[rng.randint(4)])
+
+    entities = []
+    for kind in ("person", "athlete", "product", "organization", "region"):
+        for n in names[kind]:
+            attrs = {}
+            for rid in KIND_RELATIONS[kind]:
+                rel = RELATION_BY_ID[rid]
+                attrs[rid] = rel.objects[rng.randint(len(rel.objects))]
+            entities.append(Entity(n, kind, attrs))
+    return entities
+
+
+def make_fillers(rng: np.random.RandomState, n: int = 400) -> list[str]:
+    """Unrelated everyday sentences ("Shayna opened the door at dawn.")."""
+    out = set()
+    while len(out) < n:
+        a = FILLER_NAMES[rng.randint(len(FILLER_NAMES))]
+        s = (f"{a} {FILLER_VERBS[rng.randint(len(FILLER_VERBS))]} the {FILLER_NOUNS[rng.randint(len(FILLER_NOUNS))]}"
+             f" {FILLER_TIMES[rng.randint(len(FILLER_TIMES))]}.")
+        out.add(s)
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mentions and corpus
+# ----------------------------------------------------------------------------------------------------
+
+
+def assign_frequencies(cfg: WorldConfig, entities: list[Entity], rng: np.random.RandomState) -> list[Fact]:
+    """Zipf-like mention counts: subject popularity ~ 1/(rank+offset)^alpha times a log-normal fact weight."""
+    ranks = rng.permutation(len(entities))
+    pop = 1.0 / (ranks + 1 + cfg.zipf_offset) ** cfg.zipf_alpha
+    rows = []
+    for e, p in zip(entities, pop):
+        for rid, obj in e.attributes.items():
+            rows.append((e.name, rid, obj, p * np.exp(cfg.fact_noise * rng.randn())))
+    w = np.array([r[3] for r in rows])
+    expected = cfg.total_mentions * w / w.sum()
+    counts = np.floor(expected + rng.rand(len(w))).astype(int)  # stochastic rounding
+    return [Fact(s, rid, o, int(c)) for (s, rid, o, _), c in zip(rows, counts)]
+
+
+def _fact_sentence(rel: Relation, subject: str, obj: str, rng: np.random.RandomState, subject_first: bool) -> str:
+    first = [t for t in rel.templates if t.startswith("{}")]
+    other = [t for t in rel.templates if not t.startswith("{}")]
+    pool = first if (subject_first and first) or not other else other
+    t = pool[rng.randint(len(pool))]
+    return t.format(subject) + " " + obj + "."
+
+
+def _predicate(rel: Relation, obj: str, rng: np.random.RandomState) -> str | None:
+    """A subject-first phrasing without its subject ("was born in Paris"), or None if there is none."""
+    first = [t for t in rel.templates if t.startswith("{} ")]
+    if not first:
+        return None
+    return first[rng.randint(len(first))][3:] + " " + obj
+
+
+def _fragment(rel: Relation, obj: str, rng: np.random.RandomState, infobox: bool) -> str:
+    frags = [f for f in rel.fragments if (":" in f) == infobox] or list(rel.fragments)
+    return frags[rng.randint(len(frags))].format(o=obj)
+
+
+def _subject_sentences(ent: Entity, rids: list[str], cfg: WorldConfig, rng: np.random.RandomState) -> list[str]:
+    """Sentences about one subject, each mentioning it by full name, covering the facts ``rids`` once."""
+    rids = list(rids)
+    out = []
+    while rids:
+        u = rng.rand()
+        if len(rids) >= 2 and u < cfg.p_appositive:
+            a, b = rids.pop(), rids.pop()
+            ra, rb = RELATION_BY_ID[a], RELATION_BY_ID[b]
+            pred = _predicate(rb, ent.attributes[b], rng)
+            style = rng.randint(3)
+            if style == 2 and len(rids) >= 1:  # infobox line with three attributes
+                c = rids.pop()
+                frs = [_fragment(RELATION_BY_ID[x], ent.attributes[x], rng, True) for x in (a, b, c)]
+                out.append(f"{ent.name}: " + "; ".join(frs) + ".")
+            elif style == 1 or pred is None:  # parenthesis
+                fa = _fragment(ra, ent.attributes[a], rng, False)
+                if pred is None:
+                    out.append(f"{ent.name} ({fa}). " + _fact_sentence(rb, ent.name, ent.attributes[b], rng, True))
+                else:
+                    out.append(f"{ent.name} ({fa}) {pred}.")
+            else:  # comma appositive
+                fa = _fragment(ra, ent.attributes[a], rng, False)
+                out.append(f"{ent.name}, {fa}, {pred}.")
+        elif u < cfg.p_appositive + 0.1 and ent.kind in ("person", "athlete"):  # short biography opener
+            a = rids.pop()
+            fa = _fragment(RELATION_BY_ID[a], ent.attributes[a], rng, False)
+            art = "" if fa.startswith(("a ", "an ", "the ")) else "someone "
+            out.append(f"{ent.name} is {art}{fa}.")
+        else:
+            a = rids.pop()
+            subject_first = rng.rand() < cfg.p_subject_first
+            out.append(_fact_sentence(RELATION_BY_ID[a], ent.name, ent.attributes[a], rng, subject_first))
+    return out
+
+
+def make_corpus(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fillers: list[str],
+                rng: np.random.RandomState) -> list[str]:
+    """Documents covering every fact exactly ``frequency`` times: biographies and multi-entity documents."""
+    by_name = {e.name: e for e in entities}
+    remaining: dict[str, list[str]] = {}
+    for f in facts:
+        remaining.setdefault(f.subject, []).extend([f.relation_id] * f.frequency)
+    for k in remaining:
+        rng.shuffle(remaining[k])
+    names = sorted(k for k, v in remaining.items() if v)
+    docs = []
+    while names:
+        left = np.array([len(remaining[n]) for n in names], dtype=float)
+        k = min(len(names), 1 + rng.randint(cfg.max_subjects_per_doc))
+        chosen = [names[i] for i in rng.choice(len(names), size=k, replace=False, p=left / left.sum())]
+        per_subject = []
+        for n in chosen:
+            take: list[str] = []
+            pool = remaining[n]
+            want = 1 + rng.randint(4)
+            i = 0
+            while i < len(pool) and len(take) < want:  # distinct relations within a document
+                if pool[i] not in take:
+                    take.append(pool.pop(i))
+                else:
+                    i += 1
+            per_subject.append(_subject_sentences(by_name[n], take, cfg, rng))
+        sentences = [s for ss in per_subject for s in ss]
+        if len(per_subject) > 1:  # interleave entities
+            order = rng.permutation(len(sentences))
+            sentences = [sentences[i] for i in order]
+        else:
+            rng.shuffle(sentences)
+        if rng.rand() < cfg.p_filler:
+            sentences.insert(rng.randint(len(sentences) + 1), fillers[rng.randint(len(fillers))])
+        docs.append(" ".join(sentences))
+        names = [n for n in names if remaining[n]]
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------------
+# CounterFact-schema records
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_records(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fillers: list[str],
+                 rng: np.random.RandomState) -> list[dict]:
+    """One official-schema record per (subject, relation), shuffled with the seed, case_id = position."""
+    by_name = {e.name: e for e in entities}
+    by_rel_obj: dict[tuple[str, str], list[str]] = {}
+    for e in entities:
+        for rid, o in e.attributes.items():
+            by_rel_obj.setdefault((rid, o), []).append(e.name)
+    order = rng.permutation(len(facts))
+    records = []
+    for pos, fi in enumerate(order):
+        f = facts[fi]
+        rel = RELATION_BY_ID[f.relation_id]
+        ent = by_name[f.subject]
+        t_idx = rng.permutation(len(rel.templates))
+        prompt = rel.templates[t_idx[0]]
+        para = [fillers[rng.randint(len(fillers))] + " " + rel.templates[t_idx[1 + j % (len(t_idx) - 1)]].format(f.subject)
+                for j in range(2)]
+        new_choices = [o for o in rel.objects if o != f.object]
+        target_new = new_choices[rng.randint(len(new_choices))]
+
+        def filled(subjects: list[str], n: int) -> list[str]:
+            subjects = [s for s in subjects if s != f.subject]
+            pick = rng.permutation(len(subjects))[:n]
+            return [rel.templates[rng.randint(len(rel.templates))].format(subjects[i]) for i in pick]
+
+        neighborhood = filled(by_rel_obj.get((f.relation_id, f.object), []), 10)
+        attribute = filled(by_rel_obj.get((f.relation_id, target_new), []), 10)
+        gen = []
+        other_rels = [RELATION_BY_ID[r] for r in ent.attributes]
+        for j in range(10):
+            if j % 3 == 0:
+                gen.append(f"{f.subject} is")
+            else:
+                r2 = other_rels[rng.randint(len(other_rels))]
+                gen.append(r2.templates[rng.randint(len(r2.templates))].format(f.subject))
+        records.append({
+            "case_id": pos,
+            "pararel_idx": int(fi),
+            "requested_rewrite": {
+                "prompt": prompt,
+                "relation_id": f.relation_id,
+                "target_new": {"str": target_new, "id": OBJECT_IDS[target_new]},
+                "target_true": {"str": f.object, "id": OBJECT_IDS[f.object]},
+                "subject": f.subject,
+            },
+            "paraphrase_prompts": para,
+            "neighborhood_prompts": neighborhood,
+            "attribute_prompts": attribute,
+            "generation_prompts": gen,
+        })
+    return records
+
+
+def build_world(cfg: WorldConfig) -> World:
+    """Entities, Zipf frequencies, corpus and records, all from ``cfg.seed``."""
+    rng = np.random.RandomState(cfg.seed)
+    entities = make_entities(cfg, rng)
+    fillers = make_fillers(rng)
+    facts = assign_frequencies(cfg, entities, rng)
+    corpus = make_corpus(cfg, entities, facts, fillers, rng)
+    records = make_records(cfg, entities, facts, fillers, rng)
+    log.info("world: %d entities, %d facts, %d documents", len(entities), len(facts), len(corpus))
+    return World(cfg, entities, facts, corpus, records, fillers)
+
+
+def record_frequency(world: World) -> list[int]:
+    """Corpus frequency of each record's fact, in record order."""
+    freq = world.fact_frequency()
+    return [freq[(r["requested_rewrite"]["subject"], r["requested_rewrite"]["relation_id"])] for r in world.records]
+
+
+def config_hash(*configs: Any) -> str:
+    """Short stable hash of dataclass configs (keys the model cache)."""
+    blob = json.dumps([dataclasses.asdict(c) for c in configs], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

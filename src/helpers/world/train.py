@@ -1,0 +1,273 @@
+"""Train the world model (a ``transformers.GPT2LMHeadModel``) on the world corpus, with a cache.
+
+The loop is ours: documents are joined with ``<|endoftext|>`` and packed into fixed-length blocks (no
+padding), re-shuffled and re-packed every epoch; AdamW with linear warmup and cosine decay; dropout off
+(we want memorisation); loss, next-token accuracy and (periodically) fact accuracy are logged.
+Same seed, same weights (single process, fixed thread count, deterministic algorithms).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .generate import World, WorldConfig, build_world, config_hash, record_frequency
+from .tokenizer import train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model shape and optimisation. ``epochs`` passes over the packed corpus."""
+
+    seed: int = 0
+    vocab_size: int = 2048
+    n_layer: int = 8
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 128
+    seq_len: int = 128
+    batch_size: int = 16
+    epochs: int = 20
+    lr: float = 2e-3
+    min_lr_frac: float = 0.05
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.01
+    eval_every: int = 50
+    n_eval_facts: int = 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def make_model(cfg: TrainConfig, tok) -> "torch.nn.Module":
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    eos = tok.eos_token_id
+    gcfg = GPT2Config(
+        vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+    )
+    torch.manual_seed(cfg.seed)
+    return GPT2LMHeadModel(gcfg)
+
+
+def pack(docs_ids: list[list[int]], eos: int, seq_len: int, rng: np.random.RandomState) -> torch.Tensor:
+    """Shuffle documents, join them with eos, cut into (n_blocks, seq_len) blocks (the tail is dropped)."""
+    order = rng.permutation(len(docs_ids))
+    flat: list[int] = []
+    for i in order:
+        flat.extend(docs_ids[i])
+        flat.append(eos)
+    n = len(flat) // seq_len
+    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup_frac`` of the steps, then cosine decay to ``min_lr_frac * lr``."""
+    warm = max(1, int(cfg.warmup_frac * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def next_token_predictions(model, tok, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Argmax next-token id after each prompt (right padding, logits at the last real token). Shape (n,)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = [tok.encode(p) for p in prompts[i: i + batch_size]]
+        m = max(len(e) for e in enc)
+        ids = torch.full((len(enc), m), tok.eos_token_id, dtype=torch.long)
+        att = torch.zeros((len(enc), m), dtype=torch.long)
+        for j, e in enumerate(enc):
+            ids[j, : len(e)] = torch.tensor(e)
+            att[j, : len(e)] = 1
+        logits = model(input_ids=ids, attention_mask=att).logits
+        last = att.sum(1) - 1
+        out.append(logits[torch.arange(len(enc)), last].argmax(-1))
+    return torch.cat(out)
+
+
+def first_token_accuracy(model, tok, records: list[dict]) -> float:
+    """Share of records whose argmax next token is the first token of ' ' + target_true."""
+    prompts = [r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"]) for r in records]
+    gold = torch.tensor([tok.encode(" " + r["requested_rewrite"]["target_true"]["str"])[0] for r in records])
+    return float((next_token_predictions(model, tok, prompts) == gold).float().mean())
+
+
+def train_model(world: World, cfg: TrainConfig, tok, log_path: Path | None = None, progress: bool = True):
+    """Train a fresh model on ``world.corpus``; return (model, log rows as dicts)."""
+    from tqdm.auto import tqdm
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    model = make_model(cfg, tok)
+    model.train()
+    eos = tok.eos_token_id
+    docs_ids = [tok.encode(d) for d in world.corpus]
+    rng = np.random.RandomState(cfg.seed)
+    n_blocks = sum(len(d) + 1 for d in docs_ids) // cfg.seq_len
+    steps_per_epoch = max(1, n_blocks // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.dim() < 2 else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8,
+    )
+    eval_records = world.records[: cfg.n_eval_facts]
+    rows: list[dict] = []
+    t0 = time.time()
+    step = 0
+    n_tokens = 0
+    bar = tqdm(total=total, desc="train world model", disable=not progress, mininterval=2.0)
+    for epoch in range(cfg.epochs):
+        blocks = pack(docs_ids, eos, cfg.seq_len, rng)
+        for b in range(steps_per_epoch):
+            x = blocks[b * cfg.batch_size: (b + 1) * cfg.batch_size]
+            lr = lr_at(step, total, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, :-1]
+            y = x[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            n_tokens += x.numel()
+            row = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
+                   "token_acc": (logits.detach().argmax(-1) == y).float().mean().item(),
+                   "tokens": n_tokens, "seconds": round(time.time() - t0, 2), "fact_acc": float("nan")}
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
+                model.eval()
+                row["fact_acc"] = first_token_accuracy(model, tok, eval_records)
+                model.train()
+                bar.set_postfix(loss=f"{row['loss']:.3f}", fact_acc=f"{row['fact_acc']:.2f}")
+            rows.append(row)
+            step += 1
+            bar.update(1)
+    bar.close()
+    model.eval()
+    log.info("trained %d steps, %d tokens in %.0f s, final loss %.3f", step, n_tokens, time.time() - t0,
+             rows[-1]["loss"])
+    if log_path is not None:
+        write_log(rows, log_path)
+    return model, rows
+
+
+def write_log(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets and the cache
+# ----------------------------------------------------------------------------------------------------
+
+WORLD_PRESETS: dict[str, tuple[WorldConfig, TrainConfig]] = {
+    # Tiny: trains in a few seconds on one core (tests).
+    "smoke": (
+        WorldConfig(seed=0, n_person=24, n_athlete=8, n_product=8, n_organization=6, n_region=6,
+                    n_first_names=6, total_mentions=2500, zipf_offset=20.0),
+        TrainConfig(seed=0, vocab_size=1024, n_layer=4, n_embd=64, n_head=4, batch_size=16, epochs=12,
+                    lr=3e-3, eval_every=25, n_eval_facts=128),
+    ),
+    "default": (
+        WorldConfig(seed=0),
+        TrainConfig(seed=0),
+    ),
+}
+
+
+def preset_configs(preset: str) -> tuple[WorldConfig, TrainConfig]:
+    if preset not in WORLD_PRESETS:
+        raise KeyError(f"unknown world preset {preset!r}; known: {', '.join(WORLD_PRESETS)}")
+    return WORLD_PRESETS[preset]
+
+
+def world_folder(preset: str, cache_dir: Path | str, world_cfg: WorldConfig | None = None,
+                 train_cfg: TrainConfig | None = None) -> Path:
+    """The cache folder of a (world, training) configuration: ``<cache>/world/<preset>-<hash>``."""
+    wc, tc = preset_configs(preset) if world_cfg is None or train_cfg is None else (world_cfg, train_cfg)
+    return Path(cache_dir) / "world" / f"{preset}-{config_hash(wc, tc)}"
+
+
+def ensure_world_model(preset: str, cache_dir: Path | str, world_cfg: WorldConfig | None = None,
+                       train_cfg: TrainConfig | None = None, progress: bool = True) -> Path:
+    """Return the folder with the trained world model, training it first unless cached.
+
+    The folder holds the model and tokenizer (``save_pretrained``, safetensors), ``counterfact.json``
+    (records, official schema), ``corpus.txt`` (one document per line), ``facts.csv`` (fact frequencies),
+    ``train_log.csv`` and ``world.json`` (configs, timing). It is written to a temporary folder and renamed
+    at the end, so an interrupted run is never reused.
+    """
+    wc, tc = preset_configs(preset) if world_cfg is None or train_cfg is None else (world_cfg, train_cfg)
+    folder = world_folder(preset, cache_dir, wc, tc)
+    if (folder / "world.json").exists():
+        log.info("world model cached at %s", folder)
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        t0 = time.time()
+        world = build_world(wc)
+        tok = train_tokenizer(world, tc.vocab_size, seed=wc.seed)
+        t1 = time.time()
+        model, rows = train_model(world, tc, tok, log_path=tmp / "train_log.csv", progress=progress)
+        t2 = time.time()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        with open(tmp / "counterfact.json", "w") as fh:
+            json.dump(world.records, fh)
+        with open(tmp / "corpus.txt", "w") as fh:
+            for d in world.corpus:
+                fh.write(d.replace("\n", " ") + "\n")
+        write_facts(world, tmp / "facts.csv")
+        meta = {
+            "preset": preset, "world": wc.to_dict(), "train": tc.to_dict(), "hash": config_hash(wc, tc),
+            "n_records": len(world.records), "n_documents": len(world.corpus),
+            "train_tokens": rows[-1]["tokens"], "train_seconds": round(t2 - t1, 1),
+            "build_seconds": round(t1 - t0, 1), "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        }
+        with open(tmp / "world.json", "w") as fh:
+            json.dump(meta, fh, indent=1)
+        if folder.exists():  # a concurrent run finished first
+            shutil.rmtree(tmp)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def write_facts(world: World, path: Path) -> None:
+    """One row per record: case_id, subject, relation_id, target_true, frequency (corpus mentions)."""
+    freq = record_frequency(world)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "subject", "relation_id", "target_true", "frequency"])
+        for r, f in zip(world.records, freq):
+            rw = r["requested_rewrite"]
+            w.writerow([r["case_id"], rw["subject"], rw["relation_id"], rw["target_true"]["str"], f])

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import hooks, models
+
+from conftest import ARCHS
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_by_path_and_every_table_entry_resolves(model_dirs, arch):
+    model, tok = models.load_model(model_dirs[arch])
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert tok.pad_token_id == tok.eos_token_id
+    L = models.n_layers(model)
+    assert L == 3
+    d_model, d_ff = models.dims(model)
+    assert d_model == 32 and d_ff > d_model
+    spec = models.arch_of(model)
+    # Non-layer modules exist and have the expected shapes.
+    assert models.module(model, "embed").weight.shape == (len(tok), d_model)
+    assert models.module(model, "unembed").weight.shape == (len(tok), d_model)
+    assert models.module(model, "final_norm").weight.shape == (d_model,)
+    for layer in range(L):
+        for kind in ("block", "mlp", "attn", "down_proj"):
+            assert isinstance(models.module(model, kind, layer), torch.nn.Module)
+        w = models.down_proj_weight(model, layer)
+        assert tuple(w.shape) == ((d_ff, d_model) if spec.down_proj_transposed else (d_model, d_ff))
+        assert models.down_proj_out_in(model, layer).shape == (d_model, d_ff)
+    # Every hooked module hands out a (batch, seq, d) main tensor; down_proj's input is (batch, seq, d_ff).
+    x = torch.randint(1, len(tok), (2, 5))
+    names = [models.module_name(model, k, 1) for k in ("block", "mlp", "attn", "down_proj")]
+    with hooks.trace(model, names, retain_input=True) as tr:
+        model(input_ids=x)
+    for n in names:
+        assert tr.outputs[n].shape == (2, 5, d_model), n
+    assert tr.inputs[models.module_name(model, "down_proj", 1)].shape == (2, 5, d_ff)
+
+
+def test_gpt2_is_transposed_others_are_linear(model_dirs):
+    assert models.ARCHITECTURES["gpt2"].down_proj_transposed
+    for k in ("gptj", "gpt_neox", "llama"):
+        assert not models.ARCHITECTURES[k].down_proj_transposed
+
+
+def test_unknown_architecture_error_names_it_and_supported():
+    from transformers import BertConfig, BertForMaskedLM
+
+    m = BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ValueError, match=r"'bert'.*gpt2.*gptj.*llama"):
+        models.arch_of(m)
+
+
+def test_layer_out_of_range(model_dirs):
+    model, _ = models.load_model(model_dirs["gpt2"])
+    with pytest.raises(IndexError):
+        models.module_name(model, "mlp", 3)
+    with pytest.raises(ValueError):
+        models.module_name(model, "mlp")
+
+
+def test_missing_folder_gives_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="cannot load model"):
+        models.load_model(tmp_path / "empty")

@@ -1,0 +1,118 @@
+"""The pipeline: profiles, stage skipping, failure reporting, and an end-to-end run that builds the book."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import pipeline
+from conftest import SAMPLE_COUNTERFACT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_profiles_load_and_unknown_keys_rejected(tmp_path):
+    assert {"smoke", "default", "gpt2-xl", "gpt-j"} <= set(pipeline.list_profiles())
+    prof = pipeline.load_profile("default")
+    assert prof.uses_world and prof.tracing["windows"] == [1, 3, 5, 10]
+    assert prof.editing["methods"] == ["ft1", "ft5", "rome", "memit"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modle: gpt2\n")
+    with pytest.raises(ValueError, match="unknown keys \\['modle'\\]"):
+        pipeline.load_profile(bad)
+    with pytest.raises(FileNotFoundError, match="known profiles"):
+        pipeline.load_profile("nope")
+
+
+def test_editing_stage_is_expanded_per_method_and_problem():
+    prof = pipeline.load_profile("smoke")
+    names = [s.name for s in pipeline.stages(prof, ROOT)]
+    if (ROOT / "notebooks" / "03_editing.ipynb").exists():
+        assert "03_editing__rome__ff" in names and "03_editing__ft1__ei" in names
+    assert names.index("01_data") < len(names)
+
+
+def _standin_profile(tmp_path: Path, model_dir: Path) -> Path:
+    prof = {
+        "name": "standin",
+        "description": "tiny random GPT-2 + fixture records",
+        "model": str(model_dir),
+        "data": str(SAMPLE_COUNTERFACT),
+        "n_records": 5,
+        "max_facts": 3,
+        "correctness_filter": False,  # a random model knows nothing; keep the records anyway
+        "tracing": {"windows": [1], "kinds": ["mlp"], "illustrative": 1},
+        "editing": {"methods": ["rome"], "problems": ["ei"], "layers": [0], "facts": 2},
+        "analysis": {"n_boot": 5},
+    }
+    path = tmp_path / "standin.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    return path
+
+
+def _copy_book(tmp_path: Path) -> Path:
+    book = tmp_path / "book"
+    shutil.copytree(ROOT / "book", book, ignore=shutil.ignore_patterns("_build", "executed"))
+    return book
+
+
+@pytest.mark.slow
+def test_local_model_path_end_to_end_and_skip(tmp_path, model_dirs, monkeypatch):
+    """The real-model path with local stand-ins: a folder model and an official-schema file."""
+    monkeypatch.setattr(pipeline, "_source_hash", lambda: "fixed")  # isolate from edits to the package
+    profile = _standin_profile(tmp_path, model_dirs["gpt2"])
+    book = _copy_book(tmp_path)
+    only = ["01_data"]
+    report = pipeline.run(profile, book_dir=book, root=ROOT, results_root=tmp_path / "results", only=only)
+    assert [r["status"] for r in report] == ["ran"]
+    facts = __import__("pandas").read_parquet(tmp_path / "results" / "standin" / "facts.parquet")
+    assert len(facts) == 5 and {"is_correct", "p_true", "continuation", "kept"} <= set(facts.columns)
+    assert ((facts["p_true"] > 0) & (facts["p_true"] < 1)).all()
+    # Unchanged inputs: skipped. A changed profile: re-run.
+    again = pipeline.run(profile, book_dir=book, root=ROOT, results_root=tmp_path / "results", only=only)
+    assert [r["status"] for r in again] == ["skipped"]
+    profile.write_text(profile.read_text().replace("max_facts: 3", "max_facts: 2"))
+    third = pipeline.run(profile, book_dir=book, root=ROOT, results_root=tmp_path / "results", only=only)
+    assert [r["status"] for r in third] == ["ran"]
+    assert int(__import__("pandas").read_parquet(tmp_path / "results" / "standin" / "facts.parquet")["kept"].sum()) == 2
+    # Changed package source: re-run too.
+    monkeypatch.setattr(pipeline, "_source_hash", lambda: "changed")
+    fourth = pipeline.run(profile, book_dir=book, root=ROOT, results_root=tmp_path / "results", only=only)
+    assert [r["status"] for r in fourth] == ["ran"]
+
+
+def test_failing_notebook_reports_cell_error_and_partial_path(tmp_path, model_dirs):
+    import nbformat
+
+    root = tmp_path / "proj"
+    (root / "notebooks").mkdir(parents=True)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell('profile = "x"\nresults_dir = ""\ncache_dir = ""', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("raise ValueError('broken on purpose')"),
+    ]
+    nbformat.write(nb, root / "notebooks" / "01_data.ipynb")
+    profile = _standin_profile(tmp_path, model_dirs["gpt2"])
+    with pytest.raises(pipeline.StageFailed, match=r"01_data failed .*ValueError: broken on purpose\npartial notebook: .*01_data.ipynb"):
+        pipeline.run(profile, book_dir=tmp_path / "book", root=root, results_root=tmp_path / "results")
+    assert (tmp_path / "book" / "executed" / "01_data.ipynb").exists()
+
+
+@pytest.mark.slow
+def test_book_builds_with_glued_number(tmp_path, model_dirs):
+    profile = _standin_profile(tmp_path, model_dirs["gpt2"])
+    book = _copy_book(tmp_path)
+    pipeline.run(profile, book_dir=book, root=ROOT, results_root=tmp_path / "results")
+    html = pipeline.build_book(book)
+    assert (html / "index.html").exists()
+    index = (html / "intro.html").read_text()
+    facts = __import__("pandas").read_parquet(tmp_path / "results" / "standin" / "facts.parquet")
+    n_correct = int(facts["is_correct"].sum())
+    text = re.sub(r"<[^>]+>", "", index)
+    assert re.search(rf"completes\s+{n_correct}\s+of\s+5\s+candidate facts", text), text[:3000]
+    assert "glue" not in text.lower() or "{glue" not in text

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import scoring
+from conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def lm(tokenizer):
+    return tiny_model("gpt2", len(tokenizer), seed=1).eval(), tokenizer
+
+
+def _manual_logprob(model, tok, prompt, target):
+    x = scoring.encode(tok, prompt)
+    y = scoring.encode(tok, " " + target)
+    ids = torch.tensor([x + y])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+    return sum(logp[len(x) - 1 + j, y[j]].item() for j in range(len(y)))
+
+
+def test_multi_token_product_with_leading_space(lm):
+    model, tok = lm
+    prompt, target = "The mother tongue of Danielle Darrieux is", "Christianity Islam"
+    assert len(scoring.encode(tok, " " + target)) > 1
+    got = scoring.target_logprobs(model, tok, [prompt], [target])[0].item()
+    assert got == pytest.approx(_manual_logprob(model, tok, prompt, target), abs=1e-5)
+    # A target given with its space already is not spaced twice.
+    assert scoring.target_logprobs(model, tok, [prompt], [" " + target])[0].item() == pytest.approx(got, abs=1e-6)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_equals_rows_alone(lm, side):
+    model, tok = lm
+    prompts = ["The mother tongue of Danielle Darrieux is", "Toko Yasuda, the", "The official religion of Edwin of Northumbria is"]
+    targets = ["French", "guitar piano", "Christianity"]
+    batched = scoring.target_logprobs(model, tok, prompts, targets, padding_side=side)
+    alone = torch.stack([scoring.target_logprobs(model, tok, [p], [t])[0] for p, t in zip(prompts, targets)])
+    assert torch.allclose(batched, alone, atol=1e-5)
+    assert torch.allclose(scoring.target_probs(model, tok, prompts, targets), alone.exp(), atol=1e-6)
+
+
+def test_greedy_generation_matches_stepwise_argmax_and_batches(lm):
+    model, tok = lm
+    prompts = ["The mother tongue of", "Toko Yasuda, the"]
+    batched = scoring.generate(model, tok, prompts, max_new_tokens=5)
+    for p, g in zip(prompts, batched):
+        ids = scoring.encode(tok, p)
+        new = []
+        for _ in range(5):
+            nxt = model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax().item()
+            new.append(nxt)
+        assert g == tok.decode([i for i in new if i != tok.eos_token_id]).strip()
+
+
+def test_topk_sampling_is_seeded_and_respects_total_length(lm):
+    model, tok = lm
+    a = scoring.generate(model, tok, ["Toko Yasuda, the"], max_out_len=12, top_k=5, seed=3)
+    b = scoring.generate(model, tok, ["Toko Yasuda, the"], max_out_len=12, top_k=5, seed=3)
+    assert a == b
+    n_prompt = len(scoring.encode(tok, "Toko Yasuda, the"))
+    assert len(scoring.encode(tok, a[0])) <= 12 - n_prompt + 1
+    # A prompt already at max_out_len tokens gets no continuation (the published sampler's behaviour).
+    assert scoring.generate(model, tok, ["Toko Yasuda, the"], max_out_len=n_prompt, top_k=5) == [""]
+
+
+def test_errors():
+    with pytest.raises(ValueError):
+        scoring.make_batch(type("T", (), {"__call__": lambda *a, **k: {"input_ids": []}, "pad_token_id": 0})(), ["x"], None)
