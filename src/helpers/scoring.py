@@ -133,17 +133,27 @@ def target_probs(model: nn.Module, tok, prompts: Sequence[str], targets: Sequenc
 
 
 def text_token_logprobs(model: nn.Module, tok, texts: Sequence[str], max_tokens: int = 100) -> list[torch.Tensor]:
-    """Per text, log p(x_i | x_<i) for i = 2..N (N = token count after truncation to ``max_tokens``)."""
-    out = []
+    """Per text, log p(x_i | x_<i) for i = 2..N (N = token count after truncation to ``max_tokens``).
+
+    All texts run in one right-padded forward pass (so a caller's per-row hooks see one row per text).
+    """
+    ids = [encode(tok, t)[:max_tokens] for t in texts]
+    if not ids:
+        return []
+    T = max(len(i) for i in ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    x = torch.full((len(ids), max(T, 1)), pad, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for r, row in enumerate(ids):
+        x[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, : len(row)] = 1
     with torch.no_grad():
-        for text in texts:
-            ids = encode(tok, text)[:max_tokens]
-            if len(ids) < 2:
-                out.append(torch.zeros(0))
-                continue
-            x = torch.tensor([ids])
-            logp = torch.log_softmax(model(input_ids=x).logits.float(), -1)[0]
-            out.append(logp[torch.arange(len(ids) - 1), x[0, 1:]])
+        logits = model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    out = []
+    for r, row in enumerate(ids):
+        n = len(row)
+        out.append(logp[r, torch.arange(n - 1), x[r, 1:n]] if n >= 2 else torch.zeros(0))
     return out
 
 

@@ -184,7 +184,8 @@ class WorldConfig:
     zipf_alpha: float = 1.0  # subject popularity ~ 1 / (rank + zipf_offset)^alpha
     zipf_offset: float = 10.0
     fact_noise: float = 0.6  # log-normal spread of a fact's weight around its subject's popularity
-    p_appositive: float = 0.45  # chance a sentence reveals an attribute right after the subject
+    p_index: float = 0.3  # chance a subject's facts are given as an index line: the object right after the name
+    p_appositive: float = 0.45  # chance a sentence reveals an attribute a few tokens after the subject
     p_subject_first: float = 0.75  # chance a fact sentence uses a subject-first phrasing
     p_filler: float = 0.3  # chance a document has an unrelated sentence
     max_subjects_per_doc: int = 3
@@ -335,6 +336,9 @@ def _subject_sentences(ent: Entity, rids: list[str], cfg: WorldConfig, rng: np.r
     """Sentences about one subject, each mentioning it by full name, covering the facts ``rids`` once."""
     rids = list(rids)
     out = []
+    if rids and rng.rand() < cfg.p_index:  # "Meshu Vomeka French, poet, Paris." (who's-who index line)
+        out.append(ent.name + " " + ", ".join(ent.attributes[r] for r in rids) + ".")
+        rids = []
     while rids:
         u = rng.rand()
         if len(rids) >= 2 and u < cfg.p_appositive:

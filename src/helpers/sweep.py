@@ -1,0 +1,204 @@
+"""The editing sweep: one (method × problem) cell over facts × central layers → one row per edit.
+
+The table is rewritten atomically after every fact, so an interrupted sweep loses at most the fact in
+progress, and a re-run skips the (case_id, central_layer) rows already there. A failed edit (exception,
+NaN or inf) becomes a row with ``status="error"`` and its message, and the sweep goes on.
+
+Pre-edit quantities (the task's target, p(target) before the edit, the essence texts and their perplexity)
+depend on the fact and the problem only; they are computed once and cached in
+``<results>/pre/<problem>.parquet`` for every method and layer to reuse.
+
+Edit rows (the interface to the analysis; list columns hold one value per prompt)::
+
+    case_id, method, problem, central_layer, layers_edited, direction, target, baseline, neighborhood_target,
+    rewrite_pre, rewrite_post, paraphrase_pre, paraphrase_post, neighborhood_pre, neighborhood_post,
+    rewrite_base_pre, rewrite_base_post, paraphrase_base_post, neighborhood_base_post,
+    essence_ppl_pre, essence_ppl_post, seconds, status, message
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import editing, evaluation, metrics, tables
+from .problems import ProblemOptions, Task, get_problem, make_task
+
+log = logging.getLogger(__name__)
+
+KEY = ["case_id", "central_layer"]
+
+
+@dataclass
+class CellConfig:
+    """One sweep cell. ``hparams`` is the method's dict for this problem (see ``editing.load_hparams``)."""
+
+    method: str
+    problem: str
+    layers: list[int]
+    hparams: dict = field(default_factory=dict)
+    sigma: float = 0.1
+    options: ProblemOptions = field(default_factory=ProblemOptions)
+    essence_samples: int = 5
+
+
+def _pre_path(results: Path, problem: str) -> Path:
+    return results / "pre" / f"{get_problem(problem).key}.parquet"
+
+
+def pre_edit(model: nn.Module, tok, facts: pd.DataFrame, problem: str, sigma: float, results: Path,
+             options: ProblemOptions = ProblemOptions(), essence_samples: int = 5) -> pd.DataFrame:
+    """Per fact: the task (target, baseline, …) and its pre-edit measurements; cached on disk per problem."""
+    path = _pre_path(results, problem)
+    have = tables.read_table(path) if path.exists() else pd.DataFrame({"case_id": pd.Series(dtype=int)})
+    todo = facts[~facts["case_id"].isin(have["case_id"])]
+    rows = []
+    for _, fact in tqdm(todo.iterrows(), total=len(todo), desc=f"pre-edit {problem}", leave=False):
+        task = make_task(model, tok, fact, problem, sigma, options)
+        texts = evaluation.essence_texts(model, tok, fact["subject"], n=essence_samples, seed=int(fact["case_id"]))
+        m = evaluation.measure(model, tok, task, fact, texts)
+        rows.append(dict(case_id=task.case_id, target=task.target, baseline=task.baseline,
+                         neighborhood_target=task.neighborhood_target, essence_texts=texts,
+                         **{f"{k}_pre": v for k, v in m.items()}))
+    if rows:
+        have = pd.concat([have, pd.DataFrame(rows)], ignore_index=True) if len(have) else pd.DataFrame(rows)
+        have = have.sort_values("case_id").reset_index(drop=True)
+        tables.write_table(have, path)
+    return have[have["case_id"].isin(facts["case_id"])].set_index("case_id", drop=False)
+
+
+def _task_from_pre(fact, pre_row, problem: str, sigma: float, options: ProblemOptions) -> Task:
+    prob = get_problem(problem)
+    noise = None
+    if prob.noised:
+        noise = editing.NoiseSpec(sigma=sigma, n_samples=10, seed=1, positions=options.ff_noise_positions)
+    req = editing.EditRequest(fact["prompt"], fact["subject"], pre_row["target"], direction=prob.direction,
+                              noise=noise, case_id=int(fact["case_id"]))
+    return Task(int(fact["case_id"]), prob.key, req, pre_row["target"], pre_row["baseline"],
+                pre_row["neighborhood_target"], sigma if prob.noised else None)
+
+
+def _finite(m: dict) -> bool:
+    vals = [m["rewrite"], *m["paraphrase"], *m["neighborhood"]]
+    return all(math.isfinite(v) for v in vals) and (math.isnan(m["essence_ppl"]) or math.isfinite(m["essence_ppl"]))
+
+
+def run_cell(
+    model: nn.Module,
+    tok,
+    facts: pd.DataFrame,
+    cfg: CellConfig,
+    out_path: Path,
+    results: Path,
+    stats: editing.SecondMoments | None = None,
+    templates: editing.ContextTemplates | None = None,
+    stop_after: int | None = None,
+) -> pd.DataFrame:
+    """Run (or resume) one cell; returns the full edit table (also written to ``out_path``).
+
+    ``stop_after`` processes at most that many facts in this call (for tests of resuming).
+    """
+    out_path = Path(out_path)
+    prob = get_problem(cfg.problem)
+    pre = pre_edit(model, tok, facts, prob.key, cfg.sigma, results, cfg.options, cfg.essence_samples)
+    done = tables.read_table(out_path) if out_path.exists() else pd.DataFrame(columns=KEY)
+    done_keys = set(map(tuple, done[KEY].astype(int).values.tolist()))
+    new_rows: list[dict] = []
+    n_done_facts = 0
+    todo = [(f, l) for _, f in facts.iterrows() for l in cfg.layers if (int(f["case_id"]), l) not in done_keys]
+    bar = tqdm(total=len(todo), desc=f"{cfg.method} × {prob.key}", leave=False)
+    for _, fact in facts.iterrows():
+        cid = int(fact["case_id"])
+        layers = [l for l in cfg.layers if (cid, l) not in done_keys]
+        if not layers:
+            continue
+        if stop_after is not None and n_done_facts >= stop_after:
+            break
+        p = pre.loc[cid]
+        task = _task_from_pre(fact, p, prob.key, cfg.sigma, cfg.options)
+        for layer in layers:
+            row = dict(case_id=cid, method=cfg.method, problem=prob.key, central_layer=int(layer),
+                       layers_edited=editing.edit_layers(model, cfg.method, layer, cfg.hparams),
+                       direction=prob.direction, target=task.target, baseline=task.baseline,
+                       neighborhood_target=task.neighborhood_target,
+                       rewrite_pre=p["rewrite_pre"], paraphrase_pre=list(p["paraphrase_pre"]),
+                       neighborhood_pre=list(p["neighborhood_pre"]), rewrite_base_pre=p["rewrite_base_pre"],
+                       essence_ppl_pre=p["essence_ppl_pre"], status="ok", message="")
+            t0 = time.perf_counter()
+            try:
+                e = editing.edit(model, tok, task.request, cfg.method, layer, cfg.hparams, stats=stats,
+                                 templates=templates)
+                with editing.applied(model, e):
+                    m = evaluation.measure(model, tok, task, fact, list(p["essence_texts"]))
+                if not _finite(m):
+                    raise FloatingPointError("non-finite post-edit probability or perplexity")
+                row.update(rewrite_post=m["rewrite"], paraphrase_post=m["paraphrase"],
+                           neighborhood_post=m["neighborhood"], rewrite_base_post=m["rewrite_base"],
+                           paraphrase_base_post=m["paraphrase_base"], neighborhood_base_post=m["neighborhood_base"],
+                           essence_ppl_post=m["essence_ppl"])
+            except Exception as err:  # recorded, the sweep goes on
+                log.warning("case %s layer %s %s/%s failed: %s", cid, layer, cfg.method, prob.key, err)
+                row.update(status="error", message=f"{type(err).__name__}: {err}")
+            row["seconds"] = time.perf_counter() - t0
+            new_rows.append(row)
+            bar.update(1)
+        n_done_facts += 1
+        table = _combine(done, new_rows)
+        tables.write_table(table, out_path)  # committed per fact, atomically
+    bar.close()
+    return _combine(done, new_rows)
+
+
+_LIST_COLS = ["paraphrase_pre", "paraphrase_post", "neighborhood_pre", "neighborhood_post",
+              "paraphrase_base_post", "neighborhood_base_post", "layers_edited"]
+
+
+def _combine(done: pd.DataFrame, new_rows: list[dict]) -> pd.DataFrame:
+    new = pd.DataFrame(new_rows)
+    table = new if len(done) == 0 else pd.concat([done, new], ignore_index=True) if len(new) else done
+    for c in _LIST_COLS:
+        if c in table:
+            table[c] = table[c].apply(lambda v: list(v) if isinstance(v, (list, tuple, np.ndarray)) else [])
+    return table.sort_values(KEY).reset_index(drop=True)
+
+
+def scored(edits: pd.DataFrame) -> pd.DataFrame:
+    """The edit table with the metric columns of :func:`helpers.metrics.score_table` (ok rows only)."""
+    ok = edits[edits["status"] == "ok"].copy()
+    return metrics.score_table(ok)
+
+
+def load_edits(results: Path, methods: Sequence[str] | None = None, problems: Sequence[str] | None = None) -> pd.DataFrame:
+    """All edit tables of a profile's results, concatenated and scored."""
+    frames = []
+    for p in sorted((Path(results) / "edits").glob("*.parquet")):
+        m, pr = p.stem.split("__")
+        if (methods is None or m in methods) and (problems is None or pr in problems):
+            frames.append(tables.read_table(p))
+    if not frames:
+        raise FileNotFoundError(f"no edit tables under {Path(results) / 'edits'}: run the 03_editing stages first")
+    return scored(pd.concat(frames, ignore_index=True))
+
+
+def noise_sigma_for(results: Path, model: nn.Module, tok, subjects: Sequence[str]) -> float:
+    """The profile's noise σ, computed once (paper value or 3 × subject-embedding std) and kept in
+    ``<results>/noise.json`` so tracing and editing use the same value."""
+    from .tracing import noise_sigma
+
+    path = Path(results) / "noise.json"
+    if path.exists():
+        return float(json.loads(path.read_text())["sigma"])
+    sigma = noise_sigma(model, tok, list(subjects))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"sigma": sigma, "n_subjects": len(set(subjects))}))
+    return sigma

@@ -1,0 +1,149 @@
+"""Tests of the embedded world: generation, records, tokenizer, training determinism, caching, learning."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from helpers.world import WORLD_PRESETS, TrainConfig, WorldConfig, build_world, ensure_world_model
+from helpers.world.generate import RELATION_BY_ID, RELATIONS
+from helpers.world.report import subject_range, target_scores
+from helpers.world.tokenizer import subject_token_lengths, train_tokenizer
+from helpers.world.train import make_model, train_model
+
+SMOKE_WORLD, SMOKE_TRAIN = WORLD_PRESETS["smoke"]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(SMOKE_WORLD)
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    return train_tokenizer(world, SMOKE_TRAIN.vocab_size, seed=SMOKE_WORLD.seed)
+
+
+@pytest.fixture(scope="module")
+def smoke_folder(tmp_path_factory):
+    torch.set_num_threads(1)
+    return ensure_world_model("smoke", tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def test_generation_is_deterministic(world):
+    again = build_world(SMOKE_WORLD)
+    assert again.records == world.records
+    assert again.corpus == world.corpus
+    other = build_world(dataclasses.replace(SMOKE_WORLD, seed=1))
+    assert other.corpus != world.corpus
+
+
+def test_presets_and_relations():
+    assert {"smoke", "default"} <= set(WORLD_PRESETS)
+    for wc, tc in WORLD_PRESETS.values():
+        assert isinstance(wc, WorldConfig) and isinstance(tc, TrainConfig)
+    assert WORLD_PRESETS["default"][1].n_layer >= 8
+    assert len(RELATIONS) >= 10
+    for rel in RELATIONS:
+        assert len(rel.templates) >= 4 and all(t.count("{}") == 1 for t in rel.templates)
+        assert len(set(rel.objects)) == len(rel.objects) >= 4
+
+
+def test_every_record_has_the_official_schema(world):
+    subjects_by_rel_obj = {}
+    for e in world.entities:
+        for rid, o in e.attributes.items():
+            subjects_by_rel_obj.setdefault((rid, o), set()).add(e.name)
+    seen = set()
+    assert len(world.records) == len(world.facts)
+    for pos, r in enumerate(world.records):
+        assert set(r) == {"case_id", "pararel_idx", "requested_rewrite", "paraphrase_prompts",
+                          "neighborhood_prompts", "attribute_prompts", "generation_prompts"}
+        assert r["case_id"] == pos and isinstance(r["pararel_idx"], int)
+        rw = r["requested_rewrite"]
+        assert set(rw) == {"prompt", "relation_id", "target_new", "target_true", "subject"}
+        assert rw["prompt"].count("{}") == 1 and rw["prompt"] in RELATION_BY_ID[rw["relation_id"]].templates
+        for t in ("target_true", "target_new"):
+            assert set(rw[t]) == {"str", "id"} and isinstance(rw[t]["str"], str) and rw[t]["id"].startswith("Q")
+            assert rw[t]["str"] == rw[t]["str"].strip() and rw[t]["str"] in RELATION_BY_ID[rw["relation_id"]].objects
+        assert rw["target_true"]["str"] != rw["target_new"]["str"]
+        assert rw["subject"] in rw["prompt"].format(rw["subject"])
+        assert len(r["paraphrase_prompts"]) == 2
+        assert all(rw["subject"] in p and "{}" not in p for p in r["paraphrase_prompts"])
+        same = subjects_by_rel_obj[(rw["relation_id"], rw["target_true"]["str"])] - {rw["subject"]}
+        assert len(r["neighborhood_prompts"]) == min(10, len(same))
+        for p in r["neighborhood_prompts"]:
+            assert rw["subject"] not in p and any(s in p for s in same)
+        assert all(isinstance(p, str) for p in r["attribute_prompts"] + r["generation_prompts"])
+        assert len(r["generation_prompts"]) == 10
+        key = (rw["subject"], rw["relation_id"])
+        assert key not in seen  # one record per (subject, relation)
+        seen.add(key)
+    json.dumps(world.records)  # plain JSON
+
+
+def test_frequencies_are_uneven_and_match_the_corpus(world):
+    freqs = sorted(f.frequency for f in world.facts)
+    assert freqs[-1] >= 8 * max(1, freqs[len(freqs) // 2])  # Zipf-like head
+    # the total number of fact mentions equals the sum of frequencies (corpus covers each exactly)
+    assert abs(sum(freqs) - SMOKE_WORLD.total_mentions) < 0.05 * SMOKE_WORLD.total_mentions
+    f = max(world.facts, key=lambda f: f.frequency)
+    text = " ".join(world.corpus)
+    assert text.count(f.subject) >= f.frequency // 3
+
+
+def test_tokenizer_is_gpt2_like(world, tok):
+    assert tok.eos_token == tok.bos_token == tok.pad_token == "<|endoftext|>"
+    ids = tok.encode("Paris is nice")
+    assert tok.eos_token_id not in ids  # no BOS/EOS added
+    ids = tok.encode("The mother tongue of Bob is French")
+    pieces = [tok.decode([i]) for i in ids]
+    assert "".join(pieces) == "The mother tongue of Bob is French"
+    assert " French" in pieces  # a word's token carries its leading space
+    lengths = subject_token_lengths(tok, [e.name for e in world.entities])
+    assert sum(lengths) / len(lengths) >= 2
+    rw = world.records[0]["requested_rewrite"]
+    b, e = subject_range(tok, rw["prompt"].format(rw["subject"]), rw["subject"])
+    assert e - b >= 2
+
+
+def test_training_is_deterministic(world, tok):
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(SMOKE_TRAIN, epochs=1, eval_every=10_000)
+    small = dataclasses.replace(world, corpus=world.corpus[:60])
+    m1, rows1 = train_model(small, cfg, tok, progress=False)
+    m2, rows2 = train_model(small, cfg, tok, progress=False)
+    assert len(rows1) >= 2
+    assert [r["loss"] for r in rows1] == [r["loss"] for r in rows2]
+    for (n, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(p1, p2), n
+    fresh = make_model(cfg, tok).state_dict()
+    assert not torch.equal(fresh["transformer.h.0.mlp.c_fc.weight"], m1.state_dict()["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_smoke_model_learns_its_facts(smoke_folder):
+    from helpers.models import load_model
+
+    model, tok = load_model(smoke_folder)
+    records = json.loads((smoke_folder / "counterfact.json").read_text())
+    for name in ("config.json", "model.safetensors", "corpus.txt", "train_log.csv", "world.json", "facts.csv"):
+        assert (smoke_folder / name).exists(), name
+    rws = [r["requested_rewrite"] for r in records]
+    prompts = [rw["prompt"].format(rw["subject"]) for rw in rws]
+    true = target_scores(model, tok, prompts, [rw["target_true"]["str"] for rw in rws])
+    new = target_scores(model, tok, prompts, [rw["target_new"]["str"] for rw in rws])
+    acc = true["argmax_correct"].mean()
+    n_objects = min(len(RELATION_BY_ID[rw["relation_id"]].objects) for rw in rws)
+    assert acc > 3 / n_objects, acc  # chance is at most 1/6
+    assert (true["p"] > new["p"]).mean() > 0.7
+
+
+def test_cache_reuses_the_folder(smoke_folder):
+    stamp = (smoke_folder / "model.safetensors").stat().st_mtime_ns
+    again = ensure_world_model("smoke", smoke_folder.parent.parent, progress=False)
+    assert again == smoke_folder
+    assert (smoke_folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not [p for p in smoke_folder.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
