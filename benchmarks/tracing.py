@@ -7,8 +7,8 @@
 (--layers/--d-model) with a byte-level BPE tokenizer trained on synthetic sentences is saved there first.
 Without --model, the embedded world model (``helpers.world.ensure_world_model("default", cache_dir)``) is used
 when importable, else the random model under ``.cache/bench/tracing-gpt2-L{layers}-d{d_model}``.
-Facts: --facts-file (a facts.parquet: case_id, subject, prompt, target_true), else synthetic CounterFact-like
-facts (subjects at the start and in the middle of prompts).
+Facts: --facts-file (a facts.parquet or a counterfact.json), else the model folder's counterfact.json (world
+models have one), else synthetic CounterFact-like facts (subjects at the start and in the middle of prompts).
 
 Prints facts/s of both paths, their ratio, and the largest |p_fast - p_reference| over the table.
 """
@@ -49,6 +49,19 @@ def synthetic_facts(n: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def load_facts(args) -> pd.DataFrame:
+    from helpers.data import load_counterfact, to_frame
+
+    src = args.facts_file
+    if src is None and args.model is not None and (args.model / "counterfact.json").exists():
+        src = args.model / "counterfact.json"
+    if src is None:
+        return synthetic_facts(args.facts)
+    if str(src).endswith(".parquet"):
+        return pd.read_parquet(src)
+    return to_frame(load_counterfact(src, n=args.facts))
+
+
 def make_random_gpt2(path: Path, n_layer: int, d_model: int, seed: int = 0) -> None:
     """Save a random-init GPT-2 and a byte-level BPE tokenizer trained on synthetic sentences to ``path``."""
     from tokenizers import ByteLevelBPETokenizer
@@ -56,13 +69,13 @@ def make_random_gpt2(path: Path, n_layer: int, d_model: int, seed: int = 0) -> N
 
     texts = [t.replace("{}", s) + " " + o for s in SUBJECTS for t, o in TEMPLATES] * 5
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=1000, min_frequency=1, show_progress=False,
+    bpe.train_from_iterator(texts, vocab_size=2048, min_frequency=1, show_progress=False,
                             special_tokens=["<|endoftext|>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
                                   pad_token="<|endoftext|>", bos_token="<|endoftext|>")
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=d_model, n_layer=n_layer,
-                     n_head=max(1, d_model // 64), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+                     n_head=max(1, d_model // 32), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     path.mkdir(parents=True, exist_ok=True)
     GPT2LMHeadModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -79,6 +92,7 @@ def default_model(args) -> tuple[object, object, str]:
         got = ensure_world_model("default", cache_dir())
         if isinstance(got, tuple):
             return got[0], got[1], "world model (default)"
+        args.model = Path(got)
         return (*load_model(got), f"world model {got}")
     path = Path(cache_dir()) / "bench" / f"tracing-gpt2-L{args.layers}-d{args.d_model}"
     return (*_load_or_make(path, args), f"random GPT-2 {path}")
@@ -98,8 +112,8 @@ def main() -> None:
     ap.add_argument("--kind", default="mlp", choices=list(tracing.KINDS))
     ap.add_argument("--windows", default="5", help="comma-separated window sizes")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ap.add_argument("--layers", type=int, default=8, help="layers of the random GPT-2")
-    ap.add_argument("--d-model", type=int, default=256, help="width of the random GPT-2")
+    ap.add_argument("--layers", type=int, default=8, help="layers of the random GPT-2 (default: the world model's)")
+    ap.add_argument("--d-model", type=int, default=128, help="width of the random GPT-2 (default: the world model's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -110,8 +124,7 @@ def main() -> None:
         label = str(args.model)
     else:
         model, tok, label = default_model(args)
-    facts = pd.read_parquet(args.facts_file) if args.facts_file else synthetic_facts(args.facts)
-    facts = facts.head(args.facts)
+    facts = load_facts(args).head(args.facts)
     sigma = tracing.noise_sigma(model, tok, facts["subject"].tolist())
     kw = dict(kinds=[args.kind], windows=windows, sigma=sigma, progress=False, on_missing="skip")
 

@@ -104,7 +104,7 @@ def tiny(tmp_path_factory):
     return Tiny(tmp_path_factory.mktemp("edit_cache"))
 
 
-HP = {"rome": {}, "memit": {"mom2_update_weight": 200}, "ft1": {"norm_constraint": 1e-2},
+HP = {"rome": {}, "memit": {"mom2_update_weight": 5}, "ft1": {"norm_constraint": 1e-2},
       "ft5": {"norm_constraint": 5e-3}}
 PROBE = ["The mother tongue of Zor Makken is", "Lila Durnov lives in", "Kato Brenn plays the drums. Edda Sorn is"]
 
@@ -176,9 +176,9 @@ def test_each_method_raises_target_probability(tiny, method):
 
 @pytest.mark.parametrize("method", ["rome", "ft1"])
 def test_erasure_lowers_true_target(tiny, method):
-    req = E.EditRequest("{} lives in", "Lila Durnov", "Madrid", direction="lower", case_id="fe")
-    true = max(RELATIONS["city"][1], key=lambda o: float(tiny.p([req.text], [o])[0]))
-    req = E.EditRequest("{} lives in", "Lila Durnov", true, direction="lower", case_id="fe")
+    text = "Mira Quell lives in"
+    true = max(RELATIONS["city"][1], key=lambda o: float(tiny.p([text], [o])[0]))
+    req = E.EditRequest("{} lives in", "Mira Quell", true, direction="lower", case_id="fe")
     p0 = float(tiny.p([req.text], [req.target])[0])
     e = E.edit(tiny.model, tiny.tok, req, method, 0, HP[method], stats=tiny.stats, templates=tiny.templates)
     with E.applied(tiny.model, e):
@@ -223,9 +223,9 @@ def test_linf_clamp_holds_after_every_step(tiny, method, eps):
 
 
 def test_ft_early_stop_and_step_rule(tiny):
-    e = E.edit(tiny.model, tiny.tok, tiny.request, "ft1", 1, {"norm_constraint": 1.0, "num_steps": 40, "lr": 1e-2})
+    e = E.edit(tiny.model, tiny.tok, tiny.request, "ft1", 1, {"norm_constraint": 1.0, "num_steps": 100, "lr": 2e-2})
     losses = e.info["loss"]
-    assert len(losses) < 40 and all(l < 1e-2 for l in losses[-5:])  # stopped after 5 steps below 1e-2
+    assert len(losses) < 100 and all(l < 1e-2 for l in losses[-5:])  # stopped after 5 steps below 1e-2
     assert e.info["updates"] == sum(l >= 1e-2 for l in losses)
 
 

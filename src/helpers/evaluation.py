@@ -114,3 +114,12 @@ def measure(model: nn.Module, tok, task: Task, fact: Mapping, essence: Sequence[
     }
     out["essence_ppl"] = essence_ppl(model, tok, essence, subj, sigma) if essence else float("nan")
     return out
+
+
+@torch.no_grad()
+def top_predictions(model: nn.Module, tok, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+    """The ``k`` most likely next tokens after ``prompt`` with their probabilities."""
+    ids = torch.tensor([scoring.encode(tok, prompt)])
+    p = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+    vals, idx = p.topk(k)
+    return [(tok.decode([int(i)]), float(v)) for v, i in zip(vals, idx)]

@@ -43,8 +43,11 @@ DEFAULTS: dict[str, Any] = {
     "editing": {
         "methods": ["ft1", "ft5", "rome", "memit"],
         "problems": ["ei", "tr", "fe", "fa", "ff"],
-        "layers": "all",
-        "facts": 100,
+        "layers": "all",  # "all" or a list of 0-based central layers
+        "facts": 100,  # first N kept facts are edited (None = all)
+        "hparams": None,  # hparams family (src/helpers/hparams/<name>.yaml); None = from the model
+        "corpus": None,  # text file for second moments; None = the world corpus
+        "stats_tokens": 20000,  # keys sampled per layer for the second moments
     },
     "analysis": {"window": 5, "n_boot": 200},
 }

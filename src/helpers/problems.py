@@ -138,6 +138,8 @@ def make_task(
         n_prompt = len(scoring.encode(tok, prompt))
         max_len = options.tr_max_out_len if options.tr_target == "code" else max(options.tr_max_out_len, n_prompt + 1)
         cont = noised_sample(model, tok, prompt, subject, sigma, max_out_len=max_len)
+        if not cont.strip() and options.tr_target == "continuation":  # only whitespace/eos sampled: longer
+            cont = noised_sample(model, tok, prompt, subject, sigma, max_out_len=max_len + 10)
         target = (prompt + " " + cont).strip() if options.tr_target == "code" else cont
         if not target.strip():
             raise ValueError(f"case_id={case_id}: Tracing Reversal produced an empty o_noise")

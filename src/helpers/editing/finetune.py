@@ -82,7 +82,7 @@ def ft_edit(
             if not torch.isfinite(loss):
                 raise EditError(f"{request.where()}: non-finite fine-tuning loss at step {step}")
             info["loss"].append(float(loss.detach()))
-            if float(loss) >= LOSS_FLOOR:
+            if float(loss.detach()) >= LOSS_FLOOR:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -92,7 +92,7 @@ def ft_edit(
                         p.clamp_(-eps, eps)
             info["max_abs_delta"].append(max(float(p.detach().abs().max()) for p in params))
             if not request.erase:
-                below = below + 1 if float(loss) < LOSS_FLOOR else 0
+                below = below + 1 if info["loss"][-1] < LOSS_FLOOR else 0
                 if below >= PATIENCE:
                     break
     edit = Edit(

@@ -1,0 +1,129 @@
+"""What a stage notebook needs from a profile, in one call: ``study = Study.open(profile, results_dir, cache_dir)``.
+
+It loads the model and the kept facts written by ``01_data``, and knows the noise σ, the edit layers, the
+hyperparameter family, and (lazily) the second-moment statistics and context templates. Notebooks stay thin.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from torch import nn
+
+from . import models, pipeline, tables
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Study:
+    profile: pipeline.Profile
+    results: Path
+    cache: Path
+    model_path: str
+    model: nn.Module
+    tok: object
+
+    @classmethod
+    def open(cls, profile: str, results_dir: str | Path, cache_dir: str | Path) -> "Study":
+        prof = pipeline.load_profile(profile)
+        path = pipeline.resolve_model(prof)
+        model, tok = models.load_model(path, device=prof.device)
+        res = Path(results_dir)
+        res.mkdir(parents=True, exist_ok=True)
+        return cls(prof, res, Path(cache_dir), path, model, tok)
+
+    # ------------------------------------------------------------------ facts
+    @functools.cached_property
+    def all_facts(self) -> pd.DataFrame:
+        """Every candidate record with the correctness columns (``01_data``'s table)."""
+        return tables.read_table(self.results / "facts.parquet")
+
+    @functools.cached_property
+    def facts(self) -> pd.DataFrame:
+        """The kept facts (correct, capped at ``max_facts``): traced, and the pool edits are drawn from."""
+        f = self.all_facts
+        return f[f["kept"]].reset_index(drop=True)
+
+    @property
+    def edit_facts(self) -> pd.DataFrame:
+        """The first ``editing.facts`` kept facts (all when None); Fact Erasure also needs p_true > 0.02."""
+        n = self.profile.editing.get("facts")
+        return self.facts if n is None else self.facts.head(int(n))
+
+    def facts_for(self, problem: str) -> pd.DataFrame:
+        from .data import erasure_filter
+
+        f = self.edit_facts
+        return erasure_filter(f) if problem in ("fe", "fact_erasure") else f
+
+    # ------------------------------------------------------------------ model facts
+    @property
+    def n_layers(self) -> int:
+        return models.n_layers(self.model)
+
+    @property
+    def edit_layers(self) -> list[int]:
+        spec = self.profile.editing.get("layers", "all")
+        if spec == "all":
+            return list(range(self.n_layers))
+        layers = [int(l) for l in spec]
+        bad = [l for l in layers if not 0 <= l < self.n_layers]
+        if bad:
+            raise ValueError(f"profile {self.profile.name}: edit layers {bad} out of range (model has {self.n_layers})")
+        return layers
+
+    @functools.cached_property
+    def sigma(self) -> float:
+        """Noise σ shared by tracing and editing (paper value, or 3 × subject-embedding std over kept facts)."""
+        from .sweep import noise_sigma_for
+
+        return noise_sigma_for(self.results, self.model, self.tok, list(self.facts["subject"]))
+
+    @property
+    def hparams_family(self) -> str:
+        fam = self.profile.editing.get("hparams")
+        if fam:
+            return fam
+        name = str(self.profile.model).lower()
+        if "gpt-j" in name:
+            return "gpt-j"
+        if "gpt2-xl" in name:
+            return "gpt2-xl"
+        return "world"
+
+    def hparams(self, method: str, problem: str) -> dict:
+        from .editing import load_hparams
+
+        return load_hparams(self.hparams_family, method, problem)
+
+    # ------------------------------------------------------------------ editing resources
+    @functools.cached_property
+    def corpus(self) -> str:
+        """Text corpus for second moments: the world corpus, or the profile's ``editing.corpus`` file."""
+        spec = self.profile.editing.get("corpus")
+        if spec:
+            return str(spec)
+        if self.profile.uses_world:
+            return str(Path(self.model_path) / "corpus.txt")
+        raise ValueError(
+            f"profile {self.profile.name}: set editing.corpus to a text file (one document per line) for the "
+            "second-moment statistics of a real model"
+        )
+
+    @functools.cached_property
+    def stats(self):
+        from .editing import SecondMoments
+
+        n = int(self.profile.editing.get("stats_tokens", 20000))
+        return SecondMoments(self.model, self.tok, self.corpus, n_tokens=n, cache_dir=self.cache)
+
+    @functools.cached_property
+    def templates(self):
+        from .editing import context_templates
+
+        return context_templates(self.model, self.tok, cache_dir=self.cache)

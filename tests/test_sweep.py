@@ -1,0 +1,138 @@
+"""Problems, evaluation and the resumable sweep, on a tiny random GPT-2 and the fixture records."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from helpers import data, editing, evaluation, sweep
+from helpers.problems import PROBLEMS, ProblemOptions, get_problem, make_task
+from conftest import SAMPLE_COUNTERFACT, tiny_model
+
+SIGMA = 0.5
+
+
+@pytest.fixture(scope="module")
+def lm(tokenizer):
+    return tiny_model("gpt2", len(tokenizer), seed=3).eval().requires_grad_(False), tokenizer
+
+
+@pytest.fixture(scope="module")
+def facts():
+    return data.to_frame(data.load_counterfact(SAMPLE_COUNTERFACT))
+
+
+def test_problem_table():
+    assert [p.direction for p in PROBLEMS.values()] == ["raise", "raise", "lower", "raise", "raise"]
+    assert [p.noised for p in PROBLEMS.values()] == [False, False, False, False, True]
+    assert get_problem("fact_forcing").key == "ff"
+    with pytest.raises(KeyError, match="unknown problem"):
+        get_problem("xx")
+    with pytest.raises(ValueError, match="tr_target"):
+        ProblemOptions(tr_target="greedy")
+
+
+def test_targets_per_problem(lm, facts):
+    model, tok = lm
+    f = facts.iloc[0]
+    ei = make_task(model, tok, f, "ei", SIGMA)
+    assert (ei.target, ei.baseline, ei.request.direction, ei.eval_sigma) == ("English", "French", "raise", None)
+    fe = make_task(model, tok, f, "fe", SIGMA)
+    assert (fe.target, fe.request.direction) == ("French", "lower")
+    ff = make_task(model, tok, f, "ff", SIGMA)
+    assert ff.target == "French" and ff.eval_sigma == SIGMA and ff.request.noise.n_samples == 10
+    # Neighborhood target: o_false for every problem (paper) or the problem's target (code).
+    assert fe.neighborhood_target == "English"
+    assert make_task(model, tok, f, "fe", SIGMA, ProblemOptions(neighborhood_target="code")).neighborhood_target == "French"
+
+
+def test_tracing_reversal_target_paper_vs_code(lm, facts):
+    model, tok = lm
+    f = facts.iloc[0]
+    paper = make_task(model, tok, f, "tr", SIGMA, ProblemOptions(tr_max_out_len=30))
+    code = make_task(model, tok, f, "tr", SIGMA, ProblemOptions(tr_target="code", tr_max_out_len=30))
+    prompt = f["prompt"].format(f["subject"])
+    assert code.target.startswith(prompt) and not paper.target.startswith(prompt)
+    assert paper.target and make_task(model, tok, f, "tr", SIGMA, ProblemOptions(tr_max_out_len=30)).target == paper.target
+    # Sampling under noise differs from sampling without it (the noise hook is really active).
+    from helpers import scoring
+    clean = scoring.generate(model, tok, [prompt], max_out_len=40, top_k=5, seed=1)[0]
+    noisy = make_task(model, tok, f, "tr", 5.0, ProblemOptions(tr_max_out_len=40)).target
+    assert noisy != clean
+
+
+def test_fact_forcing_evaluation_noise_is_identical_pre_and_post(lm, facts):
+    model, tok = lm
+    f = facts.iloc[1]
+    task = make_task(model, tok, f, "ff", SIGMA)
+    texts = evaluation.essence_texts(model, tok, f["subject"], n=2, max_out_len=20, seed=0)
+    a = evaluation.measure(model, tok, task, f, texts)
+    b = evaluation.measure(model, tok, task, f, texts)
+    assert a == b
+    clean = evaluation.measure(model, tok, make_task(model, tok, f, "fa", SIGMA), f, texts)
+    assert clean["rewrite"] != a["rewrite"]  # the subject really is noised
+    assert clean["neighborhood"] == a["neighborhood"]  # neighbours have no subject: never noised
+
+
+def test_essence_texts_start_with_prompt_and_are_seeded(lm):
+    model, tok = lm
+    t1 = evaluation.essence_texts(model, tok, "Toko Yasuda", n=3, max_out_len=15, seed=4)
+    assert len(t1) == 3 and all(t.startswith("Toko Yasuda is a") for t in t1)
+    assert t1 == evaluation.essence_texts(model, tok, "Toko Yasuda", n=3, max_out_len=15, seed=4)
+
+
+def _cell(method="ft1", problem="ei"):
+    return sweep.CellConfig(method, problem, [0, 2], editing.load_hparams("world", method, problem), sigma=SIGMA,
+                            essence_samples=2)
+
+
+def _without_time(t: pd.DataFrame) -> pd.DataFrame:
+    return t.drop(columns=["seconds"]).reset_index(drop=True)
+
+
+def test_interrupted_sweep_resumes_to_the_same_table(lm, facts, tmp_path):
+    model, tok = lm
+    fs = facts.head(3)
+    full = sweep.run_cell(model, tok, fs, _cell(), tmp_path / "a" / "t.parquet", tmp_path / "a")
+    part = sweep.run_cell(model, tok, fs, _cell(), tmp_path / "b" / "t.parquet", tmp_path / "b", stop_after=1)
+    assert len(part) == 2 and set(part["case_id"]) == {0}
+    resumed = sweep.run_cell(model, tok, fs, _cell(), tmp_path / "b" / "t.parquet", tmp_path / "b")
+    assert len(full) == 6 and (full["status"] == "ok").all()
+    pd.testing.assert_frame_equal(_without_time(full), _without_time(resumed))
+    on_disk = pd.read_parquet(tmp_path / "b" / "t.parquet")
+    pd.testing.assert_frame_equal(_without_time(on_disk), _without_time(resumed))
+    # A re-run of a finished cell does nothing and returns the same table.
+    again = sweep.run_cell(model, tok, fs, _cell(), tmp_path / "b" / "t.parquet", tmp_path / "b")
+    pd.testing.assert_frame_equal(again, resumed)
+
+
+def test_failed_edit_is_recorded_and_sweep_goes_on(lm, facts, tmp_path, monkeypatch):
+    model, tok = lm
+    real = editing.edit
+
+    def flaky(model, tok, request, method, layer, *a, **k):
+        if request.case_id == 1 and layer == 2:
+            raise FloatingPointError("NaN in v*")
+        return real(model, tok, request, method, layer, *a, **k)
+
+    monkeypatch.setattr(editing, "edit", flaky)
+    t = sweep.run_cell(model, tok, facts.head(3), _cell(), tmp_path / "t.parquet", tmp_path)
+    bad = t[t["status"] == "error"]
+    assert list(zip(bad["case_id"], bad["central_layer"])) == [(1, 2)]
+    assert "NaN in v*" in bad["message"].iloc[0]
+    assert (t["status"] == "ok").sum() == 5
+    scored = sweep.scored(t)
+    assert len(scored) == 5 and scored["rewrite"].notna().all()
+    assert {"rewrite", "paraphrase", "neighborhood", "essence", "overall"} <= set(scored.columns)
+
+
+def test_pre_edit_quantities_are_cached_per_problem(lm, facts, tmp_path, monkeypatch):
+    model, tok = lm
+    sweep.run_cell(model, tok, facts.head(2), _cell("ft1", "fa"), tmp_path / "x.parquet", tmp_path)
+    calls = []
+    monkeypatch.setattr(evaluation, "essence_texts", lambda *a, **k: calls.append(1) or ["x is a y"])
+    sweep.run_cell(model, tok, facts.head(2), _cell("ft5", "fa"), tmp_path / "y.parquet", tmp_path)
+    assert calls == []  # the second method reused the cached pre-edit measurements
+    pre = pd.read_parquet(tmp_path / "pre" / "fa.parquet")
+    assert list(pre["case_id"]) == [0, 1] and (pre["target"] == facts.head(2)["target_true"].values).all()
