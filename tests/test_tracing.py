@@ -377,3 +377,25 @@ def test_other_architectures_fall_back_to_reference(tok, caplog):
                                sigma=0.5, progress=False)
     assert "reference path" in caplog.text or "gpt_neox" in tr._warned_fallback
     assert len(table) == 3 * fact(tok, 0).prompt_len * 2 and not table.isna().any().any()
+
+
+def test_tracing_figures(tok, model32):
+    from matplotlib.figure import Figure
+
+    from helpers import plots
+
+    table = tr.trace_facts(model32, tok, FACTS.head(3), kinds=["mlp"], windows=[1, 5], progress=False)
+    eff, peaks = tr.effects(table), tr.peak_layers(table)
+    figs = [
+        plots.trace_heatmap(table, 0, "mlp", 5),
+        plots.effect_by_layer(eff, "mlp"),
+        plots.peak_layer_hist(peaks, L, "mlp", 5),
+        plots.peak_layer_hist_by_window(peaks, L, "mlp"),
+    ]
+    for fig in figs:
+        assert isinstance(fig, Figure)
+        ax = fig.axes[0]
+        assert ax.get_xlabel() and ax.get_ylabel()
+    assert len(figs[3].axes) == 2
+    with pytest.raises(ValueError, match="case_id=99"):
+        plots.trace_heatmap(table, 99)

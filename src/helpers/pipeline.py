@@ -149,6 +149,7 @@ class Stage:
     name: str  # also the executed notebook's stem
     notebook: Path
     params: dict[str, Any] = field(default_factory=dict)
+    title: str | None = None  # replaces the executed copy's first heading (one page per editing cell)
 
 
 def stages(profile: Profile, root: Path | None = None) -> list[Stage]:
@@ -162,9 +163,12 @@ def stages(profile: Profile, root: Path | None = None) -> list[Stage]:
             continue
         if stem.startswith("03_editing"):
             ed = profile.raw["editing"]
+            from .edit_plots import METHOD_LABELS, PROBLEM_LABELS
+
             for m in ed["methods"]:
                 for p in ed["problems"]:
-                    out.append(Stage(f"{stem}__{m}__{p}", nb, {"method": m, "problem": p}))
+                    title = f"{METHOD_LABELS.get(m, m)} × {PROBLEM_LABELS.get(p, p)}"
+                    out.append(Stage(f"{stem}__{m}__{p}", nb, {"method": m, "problem": p}, title))
         else:
             out.append(Stage(stem, nb))
     return out
@@ -253,6 +257,8 @@ def run(
                 f"stage {st.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                 f"partial notebook: {dest}"
             ) from None
+        if st.title:
+            _retitle(dest, st.title)
         dt = time.perf_counter() - t0
         stamp.write_text(json.dumps({"key": key, "seconds": dt}))
         print(f"[pipeline] ({i}/{len(todo)}) {st.name}: done in {dt:.1f} s", flush=True)
@@ -263,9 +269,56 @@ def run(
     return report
 
 
+def _retitle(path: Path, title: str) -> None:
+    """Replace the first markdown heading of an executed notebook (so each editing cell is its own page)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and cell.source.startswith("# "):
+            first, _, rest = cell.source.partition("\n")
+            cell.source = f"# {title}\n{rest}"
+            break
+    nbformat.write(nb, path)
+
+
+def write_toc(book_dir: Path) -> Path:
+    """Write ``_toc.yml`` from ``toc.yml``, keeping only the executed notebooks that exist (a profile without the
+    embedded world has no ``00_world`` page) and expanding ``glob`` entries in order."""
+    src = yaml.safe_load((book_dir / "toc.yml").read_text())
+
+    def exists(entry: dict) -> bool:
+        f = entry.get("file")
+        return f is None or any((book_dir / f"{f}{ext}").exists() for ext in (".md", ".ipynb", ""))
+
+    def clean(entries: list) -> list:
+        out = []
+        for e in entries:
+            if "glob" in e:
+                out += [{"file": str(p.relative_to(book_dir).with_suffix(""))} for p in sorted(book_dir.glob(e["glob"] + ".ipynb"))]
+                continue
+            if not exists(e):
+                continue
+            e = dict(e)
+            if "sections" in e:
+                e["sections"] = clean(e["sections"])
+                if not e["sections"]:
+                    del e["sections"]
+            out.append(e)
+        return out
+
+    for part in src.get("parts", []):
+        part["chapters"] = clean(part["chapters"])
+    src["parts"] = [p for p in src.get("parts", []) if p["chapters"]]
+    dest = book_dir / "_toc.yml"
+    dest.write_text(yaml.safe_dump(src, sort_keys=False))
+    return dest
+
+
 def build_book(book_dir: Path | None = None, out_dir: Path | None = None) -> Path:
     """Build the Jupyter Book (1.x, warnings as errors); returns the HTML folder."""
     book_dir = (book_dir or project_root() / "book").resolve()
+    write_toc(book_dir)
     exe = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(book_dir), "--warningiserror", "--keep-going"]
     if out_dir is not None:

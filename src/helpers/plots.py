@@ -39,7 +39,8 @@ def trace_heatmap(table: pd.DataFrame, case_id, kind: str = "mlp", window: int =
     labels = [f"{tok!r}*" if subj else repr(tok) for tok, subj in zip(info.token, info.is_subject)]
     p_clean, p_corrupt = float(sub.p_clean.iloc[0]), float(sub.p_corrupt.iloc[0])
     lo, hi = sorted((p_corrupt, p_clean))
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(1.2 + 0.28 * grid.shape[1], 0.9 + 0.32 * len(grid)))
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(
+        figsize=(3.2 + 0.28 * grid.shape[1], 1.0 + 0.32 * len(grid)))
     mesh = ax.pcolormesh(grid.to_numpy(), cmap=CMAPS.get(kind, "Greens"), vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
     ax.invert_yaxis()
     ax.set_yticks(np.arange(len(grid)) + 0.5, labels)

@@ -127,3 +127,15 @@ class Study:
         from .editing import context_templates
 
         return context_templates(self.model, self.tok, cache_dir=self.cache)
+
+
+def effects_of(study: "Study", window: int | None = None, kind: str = "mlp", denominator: str = "code") -> pd.DataFrame:
+    """Per (case_id, layer) tracing effects of ``02_tracing``'s table for one window and kind."""
+    from . import tracing
+
+    window = window or int(study.profile.analysis.get("window", 5))
+    table = tables.read_table(study.results / "tracing.parquet")
+    eff = tracing.effects(table[(table["kind"] == kind) & (table["window"] == window)], denominator)
+    if eff.empty:
+        raise ValueError(f"no tracing rows for kind={kind} window={window}: trace them in 02_tracing first")
+    return eff.drop(columns=["kind", "window"])

@@ -163,6 +163,8 @@ ORG_WORDS = ("Institute", "Group", "Society", "Company", "Bank", "Academy")
 PRODUCT_WORDS = ("Pro", "Max", "One", "Mini", "Air", "Go")
 
 # Unrelated sentences (CounterFact paraphrase prompts start with one) from a small grammar.
+INTERJECTIONS = ("as the records show", "according to an old newspaper", "we are told", "as many people know",
+                 "it is said", "by all accounts", "as the archive notes", "to the surprise of few")
 FILLER_NAMES = ("Shayna", "Yossel", "Mira", "Tomas", "Greta", "Anil", "Rosa", "Felix", "Lena", "Omar")
 FILLER_VERBS = ("watched", "carried", "painted", "found", "opened", "cleaned", "followed", "lost")
 FILLER_NOUNS = ("door", "river", "letter", "garden", "window", "boat", "table", "lamp", "road", "bridge")
@@ -180,6 +182,9 @@ class WorldConfig:
     n_organization: int = 12
     n_region: int = 12
     n_first_names: int = 12  # first names shared by persons/athletes (the full name is needed)
+    n_name_syllables: int = 16  # surnames use this many syllables: only their order tells names apart
+    n_siblings: int = 3  # names built from the same syllables in different orders
+    p_interject: float = 0.25  # chance of a variable-length aside between subject and relation
     total_mentions: int = 6000  # fact mentions in the corpus, summed over facts
     zipf_alpha: float = 1.0  # subject popularity ~ 1 / (rank + zipf_offset)^alpha
     zipf_offset: float = 10.0
@@ -264,8 +269,18 @@ def make_entities(cfg: WorldConfig, rng: np.random.RandomState) -> list[Entity]:
                 out.append(n)
         names[kind] = out
 
-    add("person", lambda: f"{first[rng.randint(len(first))]} {_word(rng, rng.randint(2, 4))}")
-    add("athlete", lambda: f"{first[rng.randint(len(first))]} {_word(rng, rng.randint(2, 4))}")
+    # Surnames: n_siblings orderings of the same syllables from a small alphabet, so that no single token and
+    # no bag of tokens identifies a person; only the ordered full name does.
+    alphabet = [SYLLABLES[i] for i in rng.permutation(len(SYLLABLES))[: cfg.n_name_syllables]]
+    surnames: list[str] = []
+    while len(surnames) < 3 * (cfg.n_person + cfg.n_athlete):
+        syl = [alphabet[i] for i in rng.choice(len(alphabet), 3, replace=False)]
+        for k in range(cfg.n_siblings):
+            perm = rng.permutation(3)
+            surnames.append("".join(syl[i] for i in perm).capitalize())
+    sur_iter = iter(surnames)
+    add("person", lambda: f"{first[rng.randint(len(first))]} {next(sur_iter)}")
+    add("athlete", lambda: f"{first[rng.randint(len(first))]} {next(sur_iter)}")
     add("product", lambda: f"{brands[rng.randint(len(brands))]} {_word(rng, 2)}")
     add("organization", lambda: f"{_word(rng, rng.randint(2, 3))} {ORG_WORDS[rng.randint(len(ORG_WORDS))]}")
     add("region", lambda: _word(rng, 3) + ("ia", "land", "stan", "ora")[rng.randint(4)])
@@ -367,7 +382,12 @@ def _subject_sentences(ent: Entity, rids: list[str], cfg: WorldConfig, rng: np.r
         else:
             a = rids.pop()
             subject_first = rng.rand() < cfg.p_subject_first
-            out.append(_fact_sentence(RELATION_BY_ID[a], ent.name, ent.attributes[a], rng, subject_first))
+            pred = _predicate(RELATION_BY_ID[a], ent.attributes[a], rng)
+            if subject_first and pred is not None and rng.rand() < cfg.p_interject:
+                aside = INTERJECTIONS[rng.randint(len(INTERJECTIONS))]
+                out.append(f"{ent.name}, {aside}, {pred}.")
+            else:
+                out.append(_fact_sentence(RELATION_BY_ID[a], ent.name, ent.attributes[a], rng, subject_first))
     return out
 
 

@@ -189,7 +189,7 @@ WORLD_PRESETS: dict[str, tuple[WorldConfig, TrainConfig]] = {
     "smoke": (
         WorldConfig(seed=0, n_person=24, n_athlete=8, n_product=8, n_organization=6, n_region=6,
                     n_first_names=6, total_mentions=2500, zipf_offset=20.0),
-        TrainConfig(seed=0, vocab_size=1024, n_layer=4, n_embd=64, n_head=4, batch_size=16, epochs=12,
+        TrainConfig(seed=0, vocab_size=2048, n_layer=4, n_embd=64, n_head=4, batch_size=16, epochs=12,
                     lr=3e-3, eval_every=25, n_eval_facts=128),
     ),
     "default": (

@@ -1,0 +1,176 @@
+"""Quality bar of the editing methods (issue 5, item 7) on Error Injection.
+
+For the first N facts the model gets right (greedy continuation contains o_true), edits each fact at every
+chosen central layer with ROME, MEMIT, FT-1 and FT-5 (hyperparameters from ``helpers/hparams/<family>.yaml``)
+and prints, per method and layer, the mean
+
+- rewrite score RS = max(2e-8, (b - a)/(1 - a)) of p(o_false) on the rewrite prompt,
+- paraphrase score (same formula, averaged over the paraphrase prompts; the first-prompt variant too),
+- neighborhood score NS = 1 - |b - a|/(0.5 + |a - 0.5|) of p(o_false) on the neighborhood prompts, and
+  neighborhood accuracy (fraction of neighborhood prompts where p(o_true) > p(o_false) after the edit),
+
+then checks the bar: ROME at its best layer RS >= 0.95 and paraphrase >= 0.5; MEMIT at its best layer
+RS >= 0.9; no NaN/inf anywhere. Exit status 1 if the bar is missed.
+
+    OMP_NUM_THREADS=1 python benchmarks/edit_quality.py                 # the default world model
+    python benchmarks/edit_quality.py --model path/to/folder --facts 20 --layers 1,3,5 --out q.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from helpers import editing as E
+from helpers import metrics, models, scoring
+
+log = logging.getLogger("edit_quality")
+
+
+def load_records(folder: Path) -> list[dict]:
+    return json.loads((folder / "counterfact.json").read_text())
+
+
+def correct_facts(model, tok, records: list[dict], n: int) -> list[dict]:
+    """The first ``n`` records whose greedy continuation (10 tokens) contains o_true."""
+    out = []
+    for i in range(0, len(records), 64):
+        chunk = records[i : i + 64]
+        prompts = [r["requested_rewrite"]["prompt"].replace("{}", r["requested_rewrite"]["subject"]) for r in chunk]
+        conts = scoring.generate(model, tok, prompts, max_new_tokens=10)
+        for r, c in zip(chunk, conts):
+            if scoring.is_correct(c, r["requested_rewrite"]["target_true"]["str"]):
+                out.append(r)
+                if len(out) == n:
+                    return out
+    return out
+
+
+def probs(model, tok, rec: dict) -> dict[str, np.ndarray]:
+    """p(o_false) on rewrite, paraphrase and neighborhood prompts; p(o_true) on neighborhood prompts."""
+    rw = rec["requested_rewrite"]
+    new, true = rw["target_new"]["str"], rw["target_true"]["str"]
+    rewrite = [rw["prompt"].replace("{}", rw["subject"])]
+    para, neigh = list(rec["paraphrase_prompts"]), list(rec["neighborhood_prompts"])
+    prompts = rewrite + para + neigh + neigh
+    targets = [new] * (1 + len(para) + len(neigh)) + [true] * len(neigh)
+    p = scoring.target_probs(model, tok, prompts, targets).numpy().astype(np.float64)
+    a, b = 1 + len(para), 1 + len(para) + len(neigh)
+    return {"rewrite": p[:1], "para": p[1:a], "neigh_new": p[a:b], "neigh_true": p[b:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder with counterfact.json and corpus.txt "
+                    "(default: the 'default' world model, trained if missing)")
+    ap.add_argument("--world", default="default", help="world preset when --model is not given")
+    ap.add_argument("--cache", default=".cache")
+    ap.add_argument("--hparams", default="world", help="hparams family (helpers/hparams/<name>.yaml) or path")
+    ap.add_argument("--problem", default="error_injection")
+    ap.add_argument("--facts", type=int, default=20)
+    ap.add_argument("--layers", default="all", help="comma-separated central layers, or 'all'")
+    ap.add_argument("--methods", default="rome,memit,ft1,ft5")
+    ap.add_argument("--n-tokens", type=int, default=20000, help="keys for the second moments")
+    ap.add_argument("--out", default=None, help="write the per-edit table (csv)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+
+    if args.model is None:
+        from helpers.world import ensure_world_model
+
+        folder = Path(ensure_world_model(args.world, args.cache))
+    else:
+        folder = Path(args.model)
+    model, tok = models.load_model(folder)
+    L = models.n_layers(model)
+    layers = list(range(L)) if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    methods = args.methods.split(",")
+    facts = correct_facts(model, tok, load_records(folder), args.facts)
+    print(f"model {folder} ({L} layers, d_model/d_ff {models.dims(model)}); {len(facts)} correct facts; "
+          f"hparams {args.hparams} / {args.problem}")
+
+    t0 = time.perf_counter()
+    stats = E.SecondMoments(model, tok, folder / "corpus.txt", n_tokens=args.n_tokens, cache_dir=args.cache)
+    stats.precompute(range(L))
+    templates = E.context_templates(model, tok, cache_dir=args.cache)
+    print(f"second moments ({args.n_tokens} keys/layer) and context templates: {time.perf_counter() - t0:.1f}s")
+
+    pre = [probs(model, tok, r) for r in facts]
+    rows = []
+    for method in methods:
+        hp = E.load_hparams(args.hparams, method, args.problem)
+        for layer in layers:
+            for rec, a in zip(facts, pre):
+                rw = rec["requested_rewrite"]
+                req = E.EditRequest(rw["prompt"], rw["subject"], rw["target_new"]["str"], case_id=rec["case_id"])
+                t = time.perf_counter()
+                status = "ok"
+                try:
+                    e = E.edit(model, tok, req, method, layer, hp, stats=stats, templates=templates)
+                    with E.applied(model, e):
+                        b = probs(model, tok, rec)
+                except E.EditError as err:
+                    status, b = str(err), {k: np.full_like(v, np.nan) for k, v in a.items()}
+                finite = all(np.isfinite(v).all() for v in b.values())  # edit() raises on non-finite deltas
+                nb = len(b["neigh_new"])  # a record may have no neighborhood prompts: NaN, skipped in means
+                rows.append({
+                    "case_id": rec["case_id"], "method": method, "central_layer": layer,
+                    "rewrite": float(metrics.rewrite_score(a["rewrite"], b["rewrite"])[0]),
+                    "paraphrase": float(np.mean(metrics.rewrite_score(a["para"], b["para"]))),
+                    "paraphrase_first": float(metrics.rewrite_score(a["para"][:1], b["para"][:1])[0]),
+                    "neighborhood": float(np.mean(metrics.neighborhood_score(a["neigh_new"], b["neigh_new"])))
+                    if nb else math.nan,
+                    "neighborhood_acc": float(np.mean(b["neigh_true"] > b["neigh_new"])) if nb else math.nan,
+                    "neighborhood_acc_pre": float(np.mean(a["neigh_true"] > a["neigh_new"])) if nb else math.nan,
+                    "p_new_post": float(b["rewrite"][0]), "finite": finite and status == "ok",
+                    "seconds": time.perf_counter() - t, "status": status,
+                })
+            sub = [r for r in rows if r["method"] == method and r["central_layer"] == layer]
+            print(f"  {method:5s} layer {layer:2d}: RS {np.mean([r['rewrite'] for r in sub]):.3f}  "
+                  f"PS {np.mean([r['paraphrase'] for r in sub]):.3f}  "
+                  f"NS {np.nanmean([r['neighborhood'] for r in sub]):.3f}  "
+                  f"NA {np.nanmean([r['neighborhood_acc'] for r in sub]):.3f}  "
+                  f"({np.mean([r['seconds'] for r in sub]):.2f}s/edit)", flush=True)
+    df = pd.DataFrame(rows)
+    if args.out:
+        df.to_csv(args.out, index=False)
+    cols = ["rewrite", "paraphrase", "paraphrase_first", "neighborhood", "neighborhood_acc", "neighborhood_acc_pre",
+            "seconds"]
+    table = df.groupby(["method", "central_layer"])[cols].mean()
+    pd.set_option("display.width", 160)
+    print("\nmean by method and central layer (Error Injection):")
+    print(table.round(3).to_string())
+
+    best = table.reset_index().sort_values("rewrite").groupby("method").tail(1).set_index("method")
+    print("\nbest layer per method:")
+    print(best[["central_layer", "rewrite", "paraphrase", "neighborhood", "neighborhood_acc"]].round(3).to_string())
+    n_bad = int((~df["finite"]).sum())
+    checks = []
+    if "rome" in best.index:
+        r = best.loc["rome"]
+        checks.append((f"ROME best layer {int(r.central_layer)}: RS {r.rewrite:.3f} >= 0.95", r.rewrite >= 0.95))
+        checks.append((f"ROME best layer {int(r.central_layer)}: paraphrase {r.paraphrase:.3f} >= 0.5", r.paraphrase >= 0.5))
+    if "memit" in best.index:
+        r = best.loc["memit"]
+        checks.append((f"MEMIT best layer {int(r.central_layer)}: RS {r.rewrite:.3f} >= 0.9", r.rewrite >= 0.9))
+    checks.append((f"no NaN/inf or failed edit ({n_bad} of {len(df)})", n_bad == 0))
+    print("\nquality bar:")
+    for text, ok in checks:
+        print(f"  [{'OK' if ok else 'MISSED'}] {text}")
+    print(f"total {time.perf_counter() - t0:.0f}s for {len(df)} edits")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
