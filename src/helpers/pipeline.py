@@ -257,8 +257,7 @@ def run(
                 f"stage {st.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                 f"partial notebook: {dest}"
             ) from None
-        if st.title:
-            _retitle(dest, st.title)
+        _prepare_for_book(dest, st.title)
         dt = time.perf_counter() - t0
         stamp.write_text(json.dumps({"key": key, "seconds": dt}))
         print(f"[pipeline] ({i}/{len(todo)}) {st.name}: done in {dt:.1f} s", flush=True)
@@ -269,16 +268,24 @@ def run(
     return report
 
 
-def _retitle(path: Path, title: str) -> None:
-    """Replace the first markdown heading of an executed notebook (so each editing cell is its own page)."""
+def _prepare_for_book(path: Path, title: str | None) -> None:
+    """Make an executed notebook read like a chapter: code collapsed (``hide-input``), parameter cells removed
+    from the page, and (for editing cells) its first heading replaced by ``title``."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
-        if cell.cell_type == "markdown" and cell.source.startswith("# "):
-            first, _, rest = cell.source.partition("\n")
-            cell.source = f"# {title}\n{rest}"
-            break
+        if cell.cell_type == "code":
+            tags = cell.metadata.setdefault("tags", [])
+            wanted = "remove-cell" if {"parameters", "injected-parameters"} & set(tags) else "hide-input"
+            if wanted not in tags:
+                tags.append(wanted)
+    if title:
+        for cell in nb.cells:
+            if cell.cell_type == "markdown" and cell.source.startswith("# "):
+                _, _, rest = cell.source.partition("\n")
+                cell.source = f"# {title}\n{rest}"
+                break
     nbformat.write(nb, path)
 
 

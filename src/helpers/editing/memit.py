@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import hooks, models, scoring
-from .base import Edit, EditError, EditRequest, NoisePositions, applied, fill, subject_ranges
+from .base import Edit, EditRequest, NoisePositions, applied, fill, subject_ranges
 from .rome import _check, keys_at, optimize_delta
 from .stats import SecondMoments
 

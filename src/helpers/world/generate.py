@@ -163,6 +163,8 @@ ORG_WORDS = ("Institute", "Group", "Society", "Company", "Bank", "Academy")
 PRODUCT_WORDS = ("Pro", "Max", "One", "Mini", "Air", "Go")
 
 # Unrelated sentences (CounterFact paraphrase prompts start with one) from a small grammar.
+DISTRACTOR_LINKS = ("a friend of", "a rival of", "a colleague of", "unlike", "a neighbour of", "who once met",
+                    "often confused with", "a cousin of")
 INTERJECTIONS = ("as the records show", "according to an old newspaper", "we are told", "as many people know",
                  "it is said", "by all accounts", "as the archive notes", "to the surprise of few")
 FILLER_NAMES = ("Shayna", "Yossel", "Mira", "Tomas", "Greta", "Anil", "Rosa", "Felix", "Lena", "Omar")
@@ -184,7 +186,8 @@ class WorldConfig:
     n_first_names: int = 12  # first names shared by persons/athletes (the full name is needed)
     n_name_syllables: int = 16  # surnames use this many syllables: only their order tells names apart
     n_siblings: int = 3  # names built from the same syllables in different orders
-    p_interject: float = 0.25  # chance of a variable-length aside between subject and relation
+    p_interject: float = 0.15  # chance of a variable-length aside between subject and relation
+    p_distractor: float = 0.3  # chance of a look-alike entity named between subject and relation
     total_mentions: int = 6000  # fact mentions in the corpus, summed over facts
     zipf_alpha: float = 1.0  # subject popularity ~ 1 / (rank + zipf_offset)^alpha
     zipf_offset: float = 10.0
@@ -347,8 +350,13 @@ def _fragment(rel: Relation, obj: str, rng: np.random.RandomState, infobox: bool
     return frags[rng.randint(len(frags))].format(o=obj)
 
 
-def _subject_sentences(ent: Entity, rids: list[str], cfg: WorldConfig, rng: np.random.RandomState) -> list[str]:
-    """Sentences about one subject, each mentioning it by full name, covering the facts ``rids`` once."""
+def _subject_sentences(ent: Entity, rids: list[str], cfg: WorldConfig, rng: np.random.RandomState,
+                       lookalikes: list[str] | None = None) -> list[str]:
+    """Sentences about one subject, each mentioning it by full name, covering the facts ``rids`` once.
+
+    ``lookalikes`` are other entities whose names share tokens with this one; a distractor clause names one
+    of them between the subject and the relation ("X, a friend of Y, was born in Paris").
+    """
     rids = list(rids)
     out = []
     if rids and rng.rand() < cfg.p_index:  # "Meshu Vomeka French, poet, Paris." (who's-who index line)
@@ -383,7 +391,12 @@ def _subject_sentences(ent: Entity, rids: list[str], cfg: WorldConfig, rng: np.r
             a = rids.pop()
             subject_first = rng.rand() < cfg.p_subject_first
             pred = _predicate(RELATION_BY_ID[a], ent.attributes[a], rng)
-            if subject_first and pred is not None and rng.rand() < cfg.p_interject:
+            v = rng.rand()
+            if subject_first and pred is not None and lookalikes and v < cfg.p_distractor:
+                other = lookalikes[rng.randint(len(lookalikes))]
+                link = DISTRACTOR_LINKS[rng.randint(len(DISTRACTOR_LINKS))]
+                out.append(f"{ent.name}, {link} {other}, {pred}.")
+            elif subject_first and pred is not None and v < cfg.p_distractor + cfg.p_interject:
                 aside = INTERJECTIONS[rng.randint(len(INTERJECTIONS))]
                 out.append(f"{ent.name}, {aside}, {pred}.")
             else:
@@ -391,10 +404,28 @@ def _subject_sentences(ent: Entity, rids: list[str], cfg: WorldConfig, rng: np.r
     return out
 
 
+def find_lookalikes(entities: list[Entity]) -> dict[str, list[str]]:
+    """Per entity, the other entities of its kind whose names share a word or are anagrams of each other."""
+    def keys(name: str) -> set[str]:
+        words = name.split()
+        return set(words) | {"".join(sorted(w.lower())) for w in words}
+
+    out: dict[str, list[str]] = {}
+    by_kind: dict[str, list[Entity]] = {}
+    for e in entities:
+        by_kind.setdefault(e.kind, []).append(e)
+    for kind, ents in by_kind.items():
+        for e in ents:
+            k = keys(e.name)
+            out[e.name] = [o.name for o in ents if o.name != e.name and keys(o.name) & k]
+    return out
+
+
 def make_corpus(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fillers: list[str],
                 rng: np.random.RandomState) -> list[str]:
     """Documents covering every fact exactly ``frequency`` times: biographies and multi-entity documents."""
     by_name = {e.name: e for e in entities}
+    lookalikes = find_lookalikes(entities)
     remaining: dict[str, list[str]] = {}
     for f in facts:
         remaining.setdefault(f.subject, []).extend([f.relation_id] * f.frequency)
@@ -417,7 +448,7 @@ def make_corpus(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fil
                     take.append(pool.pop(i))
                 else:
                     i += 1
-            per_subject.append(_subject_sentences(by_name[n], take, cfg, rng))
+            per_subject.append(_subject_sentences(by_name[n], take, cfg, rng, lookalikes.get(n)))
         sentences = [s for ss in per_subject for s in ss]
         if len(per_subject) > 1:  # interleave entities
             order = rng.permutation(len(sentences))

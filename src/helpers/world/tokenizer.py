@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from .generate import (INTERJECTIONS, FILLER_NAMES, FILLER_NOUNS, FILLER_TIMES, FILLER_VERBS, ORG_WORDS, PRODUCT_WORDS,
+from .generate import (DISTRACTOR_LINKS, INTERJECTIONS, FILLER_NAMES, FILLER_NOUNS, FILLER_TIMES, FILLER_VERBS, ORG_WORDS, PRODUCT_WORDS,
                        RELATIONS, SYLLABLES, CODAS, World)
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def _common_text(world: World) -> list[str]:
             words.update(re.findall(r"[A-Za-z']+|[^\sA-Za-z']", t.replace("{}", "").replace("{o}", "")))
         words.update(rel.objects)
     words.update(FILLER_NAMES + FILLER_NOUNS + FILLER_VERBS + ORG_WORDS + PRODUCT_WORDS)
-    for t in FILLER_TIMES + INTERJECTIONS:
+    for t in FILLER_TIMES + INTERJECTIONS + DISTRACTOR_LINKS:
         words.update(t.split())
     words.update(["is", "a", "the", "someone", "and", "in", "of", ".", ",", "(", ")", ":", ";", "'s"])
     return sorted(words)
