@@ -38,6 +38,10 @@ def test_editing_stage_is_expanded_per_method_and_problem():
 
 
 def _standin_profile(tmp_path: Path, model_dir: Path) -> Path:
+    recs = json.loads(SAMPLE_COUNTERFACT.read_text())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"]) + " "
+                                + r["requested_rewrite"]["target_true"]["str"] for r in recs * 10))
     prof = {
         "name": "standin",
         "description": "tiny random GPT-2 + fixture records",
@@ -46,8 +50,9 @@ def _standin_profile(tmp_path: Path, model_dir: Path) -> Path:
         "n_records": 5,
         "max_facts": 3,
         "correctness_filter": False,  # a random model knows nothing; keep the records anyway
-        "tracing": {"windows": [1], "kinds": ["mlp"], "illustrative": 1},
-        "editing": {"methods": ["rome"], "problems": ["ei"], "layers": [0], "facts": 2},
+        "tracing": {"windows": [1, 5], "kinds": ["mlp"], "illustrative": 1},
+        "editing": {"methods": ["rome", "ft1"], "problems": ["ei", "ff"], "layers": [0, 2], "facts": 3,
+                    "corpus": str(corpus), "stats_tokens": 400},
         "analysis": {"n_boot": 5},
     }
     path = tmp_path / "standin.yaml"
@@ -107,8 +112,15 @@ def test_failing_notebook_reports_cell_error_and_partial_path(tmp_path, model_di
 def test_book_builds_with_glued_number(tmp_path, model_dirs):
     profile = _standin_profile(tmp_path, model_dirs["gpt2"])
     book = _copy_book(tmp_path)
-    pipeline.run(profile, book_dir=book, root=ROOT, results_root=tmp_path / "results")
+    report = pipeline.run(profile, book_dir=book, root=ROOT, results_root=tmp_path / "results", jobs=2)
+    names = [r["stage"] for r in report]
+    assert names[:2] == ["01_data", "02_tracing"] and "03_editing__ft1__ff" in names and names[-1] == "06_robustness"
+    edits = __import__("pandas").read_parquet(tmp_path / "results" / "standin" / "edits" / "rome__ff.parquet")
+    assert len(edits) == 3 * 2 and (edits["status"] == "ok").all()
     html = pipeline.build_book(book)
+    for page in ["executed/02_tracing", "executed/03_editing__rome__ff", "executed/05_five_problems", "discussion"]:
+        assert (html / f"{page}.html").exists(), page
+    assert "ROME × Fact Forcing" in (html / "executed/03_editing__rome__ff.html").read_text()
     assert (html / "index.html").exists()
     index = (html / "intro.html").read_text()
     facts = __import__("pandas").read_parquet(tmp_path / "results" / "standin" / "facts.parquet")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--book-dir", type=Path, default=None, help="book folder (default: ./book)")
     r.add_argument("--force", action="store_true", help="re-run stages even when unchanged")
     r.add_argument("--only", nargs="*", default=None, help="run only stages whose name starts with these")
+    r.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="independent stages (editing cells) run this many at a time (default: 2 on 2+ cores)")
     b = sub.add_parser("build-book", help="build the Jupyter Book (warnings are errors)")
     b.add_argument("--book-dir", type=Path, default=None)
     sub.add_parser("profiles", help="list the known profiles")
@@ -25,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "run":
         try:
-            pipeline.run(args.profile, book_dir=args.book_dir, force=args.force, only=args.only)
+            pipeline.run(args.profile, book_dir=args.book_dir, force=args.force, only=args.only, jobs=args.jobs)
         except pipeline.StageFailed as err:
             print(f"[pipeline] ERROR: {err}", file=sys.stderr)
             return 1

@@ -184,6 +184,7 @@ def _source_hash() -> str:
 
 
 def _stage_key(stage: Stage, params: dict, profile: Profile, src: str, upstream: str) -> str:
+    """Content hash of everything a stage's output depends on."""
     h = hashlib.sha256()
     h.update(stage.notebook.read_bytes())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
@@ -197,6 +198,28 @@ class StageFailed(RuntimeError):
     """A notebook raised; the message names the cell's error and the partial notebook's path."""
 
 
+def _execute(st: Stage, params: dict, dest: Path, root: Path) -> None:
+    import papermill as pm
+
+    try:
+        pm.execute_notebook(
+            str(st.notebook),
+            str(dest),
+            parameters=params,
+            cwd=str(root),
+            progress_bar=False,
+            log_output=False,
+            kernel_name="python3",
+            language="python",
+        )
+    except pm.PapermillExecutionError as err:
+        raise StageFailed(
+            f"stage {st.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+            f"partial notebook: {dest}"
+        ) from None
+    _prepare_for_book(dest, st.title)
+
+
 def run(
     profile_name: str | Path,
     book_dir: Path | None = None,
@@ -204,9 +227,15 @@ def run(
     force: bool = False,
     only: list[str] | None = None,
     results_root: Path | None = None,
+    jobs: int = 1,
 ) -> list[dict]:
-    """Execute the profile's stages in order; returns one dict per stage (name, status, seconds)."""
-    import papermill as pm
+    """Execute the profile's stages in order; returns one dict per stage (stage, status, seconds).
+
+    Consecutive stages of one notebook (the editing cells) are independent of each other and run ``jobs`` at a
+    time, each kernel with ``cpu_count // jobs`` threads. A stage's key covers its notebook, parameters, the
+    profile, the ``helpers`` source and the keys of every earlier stage of another notebook.
+    """
+    from concurrent.futures import ThreadPoolExecutor
 
     root = (root or project_root()).resolve()
     profile = load_profile(profile_name)
@@ -216,52 +245,74 @@ def run(
     res = results_dir(profile, results_root)
     (res / ".stages").mkdir(parents=True, exist_ok=True)
     src = _source_hash()
-    upstream = ""
-    report = []
     todo = stages(profile, root)
-    print(f"[pipeline] profile {profile.name}: {len(todo)} stages -> {out_dir}", flush=True)
-    for i, st in enumerate(todo, 1):
-        params = {
-            "profile": str(profile.path),
-            "results_dir": str(res),
-            "cache_dir": str(cache_dir()),
-            **st.params,
-        }
-        key = _stage_key(st, params, profile, src, upstream)
-        upstream = key
-        stamp = res / ".stages" / f"{st.name}.json"
-        dest = out_dir / f"{st.name}.ipynb"
-        selected = only is None or any(st.name.startswith(o) for o in only)
-        if not selected:
-            continue
-        if not force and dest.exists() and stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
-            print(f"[pipeline] ({i}/{len(todo)}) {st.name}: unchanged, skipped", flush=True)
-            report.append({"stage": st.name, "status": "skipped", "seconds": 0.0})
-            continue
-        print(f"[pipeline] ({i}/{len(todo)}) {st.name}: running {st.notebook.name} ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            pm.execute_notebook(
-                str(st.notebook),
-                str(dest),
-                parameters=params,
-                cwd=str(root),
-                progress_bar=False,
-                log_output=False,
-                kernel_name="python3",
-                language="python",
-            )
-        except pm.PapermillExecutionError as err:
+    n = len(todo)
+    print(f"[pipeline] profile {profile.name}: {n} stages -> {out_dir} ({jobs} at a time where independent)", flush=True)
+
+    # Keys: each stage depends on every earlier stage of a *different* notebook.
+    keys, upstream, group_up, last_nb = [], "", "", None
+    for st in todo:
+        if st.notebook != last_nb:
+            group_up, last_nb = upstream, st.notebook
+        params = {"profile": str(profile.path), "results_dir": str(res), "cache_dir": str(cache_dir()), **st.params}
+        key = _stage_key(st, params, profile, src, group_up)
+        keys.append((params, key))
+        upstream = hashlib.sha256((upstream + key).encode()).hexdigest()
+
+    report: list[dict] = []
+    i = 0
+    while i < n:
+        j = i
+        while j < n and todo[j].notebook == todo[i].notebook:
+            j += 1
+        batch = []
+        for k in range(i, j):
+            st, (params, key) = todo[k], keys[k]
+            stamp, dest = res / ".stages" / f"{st.name}.json", out_dir / f"{st.name}.ipynb"
+            if only is not None and not any(st.name.startswith(o) for o in only):
+                continue
+            if not force and dest.exists() and stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
+                print(f"[pipeline] ({k + 1}/{n}) {st.name}: unchanged, skipped", flush=True)
+                report.append({"stage": st.name, "status": "skipped", "seconds": 0.0})
+                continue
+            batch.append((k, st, params, key, stamp, dest))
+
+        def one(item):
+            k, st, params, key, stamp, dest = item
             stamp.unlink(missing_ok=True)
-            raise StageFailed(
-                f"stage {st.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-                f"partial notebook: {dest}"
-            ) from None
-        _prepare_for_book(dest, st.title)
-        dt = time.perf_counter() - t0
-        stamp.write_text(json.dumps({"key": key, "seconds": dt}))
-        print(f"[pipeline] ({i}/{len(todo)}) {st.name}: done in {dt:.1f} s", flush=True)
-        report.append({"stage": st.name, "status": "ran", "seconds": dt})
+            print(f"[pipeline] ({k + 1}/{n}) {st.name}: running {st.notebook.name} ...", flush=True)
+            t0 = time.perf_counter()
+            _execute(st, params, dest, root)
+            dt = time.perf_counter() - t0
+            stamp.write_text(json.dumps({"key": key, "seconds": dt}))
+            print(f"[pipeline] ({k + 1}/{n}) {st.name}: done in {dt:.1f} s", flush=True)
+            return {"stage": st.name, "status": "ran", "seconds": dt}
+
+        width = max(1, min(jobs, len(batch)))
+        if width == 1:
+            report += [one(item) for item in batch]
+        else:
+            threads = str(max(1, (os.cpu_count() or 1) // width))
+            saved = {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+            os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+            try:
+                with ThreadPoolExecutor(width) as pool:
+                    futures = [pool.submit(one, item) for item in batch]
+                    errors = []
+                    for f in futures:
+                        try:
+                            report.append(f.result())
+                        except StageFailed as err:
+                            errors.append(err)
+                    if errors:
+                        raise errors[0]
+            finally:
+                for v, old in saved.items():
+                    if old is None:
+                        os.environ.pop(v, None)
+                    else:
+                        os.environ[v] = old
+        i = j
     total = sum(r["seconds"] for r in report)
     print(f"[pipeline] finished: {total:.1f} s of stage time", flush=True)
     (res / "timings.json").write_text(json.dumps(report, indent=1))

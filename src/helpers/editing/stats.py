@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import hooks, models, scoring
+from ..tables import atomic_path
 from .base import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,8 @@ class SecondMoments:
             p = self.path(l)
             if p is not None:
                 p.parent.mkdir(parents=True, exist_ok=True)
-                save_file({"mom2": c.contiguous(), "count": torch.tensor(count)}, str(p))
+                with atomic_path(p) as tmp:
+                    save_file({"mom2": c.contiguous(), "count": torch.tensor(count)}, str(tmp))
 
     def moment(self, layer: int) -> torch.Tensor:
         """C (d_ff, d_ff) float32."""

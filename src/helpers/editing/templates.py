@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from .. import scoring
+from ..tables import atomic_path
 from .base import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def context_templates(
         log.info("sampled %d ROME and %d MEMIT context templates", len(ct.rome), sum(map(len, ct.memit)))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(asdict(ct), indent=1))
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(asdict(ct), indent=1))
     _MEMORY[key] = ct
     return ct

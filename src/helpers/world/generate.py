@@ -188,6 +188,7 @@ class WorldConfig:
     n_siblings: int = 3  # names built from the same syllables in different orders
     p_interject: float = 0.15  # chance of a variable-length aside between subject and relation
     p_distractor: float = 0.3  # chance of a look-alike entity named between subject and relation
+    index_cap: int = 6  # at most this many index lines per fact (the curriculum's first phase)
     total_mentions: int = 6000  # fact mentions in the corpus, summed over facts
     zipf_alpha: float = 1.0  # subject popularity ~ 1 / (rank + zipf_offset)^alpha
     zipf_offset: float = 10.0
@@ -227,6 +228,7 @@ class World:
     corpus: list[str]
     records: list[dict]
     fillers: list[str] = field(default_factory=list)
+    index_corpus: list[str] = field(default_factory=list)  # who's-who lines read first (see train.py)
 
     def fact_frequency(self) -> dict[tuple[str, str], int]:
         return {(f.subject, f.relation_id): f.frequency for f in self.facts}
@@ -421,6 +423,32 @@ def find_lookalikes(entities: list[Entity]) -> dict[str, list[str]]:
     return out
 
 
+def make_index_corpus(cfg: WorldConfig, entities: list[Entity], facts: list[Fact],
+                      rng: np.random.RandomState) -> list[str]:
+    """Who's-who index lines ("Meshu Pasela Canada, Spanish, poet."), the objects right after the name.
+
+    Each fact seen in the corpus appears in min(frequency, index_cap) lines; unseen facts never do. The
+    model reads these first (a curriculum), so that it learns the attributes *at the subject's last token*
+    before it sees sentences that ask for them.
+    """
+    by_subject: dict[str, dict[str, int]] = {}
+    for f in facts:
+        if f.frequency > 0:
+            by_subject.setdefault(f.subject, {})[f.relation_id] = min(f.frequency, cfg.index_cap)
+    attrs = {e.name: e.attributes for e in entities}
+    lines = []
+    for name in sorted(by_subject):
+        left = by_subject[name]
+        while any(left.values()):
+            rids = [r for r in sorted(left) if left[r] > 0]
+            order = rng.permutation(len(rids))
+            lines.append(name + " " + ", ".join(attrs[name][rids[i]] for i in order) + ".")
+            for r in rids:
+                left[r] -= 1
+    order = rng.permutation(len(lines))
+    return [" ".join(lines[j] for j in order[i: i + 4]) for i in range(0, len(lines), 4)]
+
+
 def make_corpus(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fillers: list[str],
                 rng: np.random.RandomState) -> list[str]:
     """Documents covering every fact exactly ``frequency`` times: biographies and multi-entity documents."""
@@ -530,7 +558,8 @@ def build_world(cfg: WorldConfig) -> World:
     corpus = make_corpus(cfg, entities, facts, fillers, rng)
     records = make_records(cfg, entities, facts, fillers, rng)
     log.info("world: %d entities, %d facts, %d documents", len(entities), len(facts), len(corpus))
-    return World(cfg, entities, facts, corpus, records, fillers)
+    index_corpus = make_index_corpus(cfg, entities, facts, rng)
+    return World(cfg, entities, facts, corpus, records, fillers, index_corpus)
 
 
 def record_frequency(world: World) -> list[int]:

@@ -43,6 +43,7 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int = 16
     epochs: int = 20
+    index_epochs: int = 0  # curriculum: epochs over the who's-who index lines before the full corpus
     lr: float = 2e-3
     min_lr_frac: float = 0.05
     warmup_frac: float = 0.05
@@ -120,11 +121,16 @@ def train_model(world: World, cfg: TrainConfig, tok, log_path: Path | None = Non
     model = make_model(cfg, tok)
     model.train()
     eos = tok.eos_token_id
-    docs_ids = [tok.encode(d) for d in world.corpus]
+    index_ids = [tok.encode(d) for d in world.index_corpus]
+    docs_ids = [tok.encode(d) for d in world.corpus] + index_ids
     rng = np.random.RandomState(cfg.seed)
-    n_blocks = sum(len(d) + 1 for d in docs_ids) // cfg.seq_len
-    steps_per_epoch = max(1, n_blocks // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+
+    def n_steps(ids: list[list[int]]) -> int:
+        return max(1, (sum(len(d) + 1 for d in ids) // cfg.seq_len) // cfg.batch_size)
+
+    phases = [(index_ids, n_steps(index_ids))] * (cfg.index_epochs if index_ids else 0)
+    phases += [(docs_ids, n_steps(docs_ids))] * cfg.epochs
+    total = sum(n for _, n in phases)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if p.dim() < 2 else decay).append(p)
@@ -138,8 +144,8 @@ def train_model(world: World, cfg: TrainConfig, tok, log_path: Path | None = Non
     step = 0
     n_tokens = 0
     bar = tqdm(total=total, desc="train world model", disable=not progress, mininterval=2.0)
-    for epoch in range(cfg.epochs):
-        blocks = pack(docs_ids, eos, cfg.seq_len, rng)
+    for epoch, (ids, steps_per_epoch) in enumerate(phases):
+        blocks = pack(ids, eos, cfg.seq_len, rng)
         for b in range(steps_per_epoch):
             x = blocks[b * cfg.batch_size: (b + 1) * cfg.batch_size]
             lr = lr_at(step, total, cfg)
