@@ -74,6 +74,25 @@ def memit_edit(
         clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor,
         break_before_last=True, noise_pos=noise_pos,
     )
+    return spread(model, tok, request, layers, hp, stats, template_groups, h_init, delta, info, noise_pos)
+
+
+def spread(
+    model: nn.Module,
+    tok,
+    request: EditRequest,
+    layers: Sequence[int],
+    hp: MemitHparams,
+    stats: SecondMoments,
+    template_groups: Sequence[Sequence[str]],
+    h_init: torch.Tensor,
+    delta: torch.Tensor,
+    info: dict,
+    noise_pos: NoisePositions | None = None,
+) -> Edit:
+    """Step 2 of the module docstring: spread z - h over ``layers`` (shared with the batched path)."""
+    layers = sorted(layers)
+    z_layer = layers[-1]
     z = h_init + delta
     full_groups = [[fill(t, request.template) for t in g] for g in template_groups]
     full = [t for g in full_groups for t in g]

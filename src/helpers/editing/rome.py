@@ -146,6 +146,44 @@ def optimize_delta(
     return v_init, _check(delta.detach().clone(), "delta", request), info
 
 
+def left_vector(
+    model: nn.Module,
+    tok,
+    request: EditRequest,
+    layer: int,
+    hp: RomeHparams,
+    stats: SecondMoments,
+    context_templates: Sequence[str],
+    noise_pos: NoisePositions | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u (d_ff,) unit, k̄ (d_ff,) float64): step 1 of the module docstring."""
+    full = [fill(c, request.template) for c in context_templates]
+    k, _ = keys_at(model, tok, full, request.subject, layer, noise_pos)
+    k_bar = k.mean(0).double()
+    u = stats.inverse(layer).double() @ k_bar if hp.mom2_adjustment else k_bar
+    u = _check((u / u.norm()).float(), "left vector u", request)
+    return u, k_bar
+
+
+def right_vector(
+    model: nn.Module,
+    tok,
+    request: EditRequest,
+    layer: int,
+    u: torch.Tensor,
+    v_star: torch.Tensor,
+    noise_pos: NoisePositions | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r (d_model,), k*, m): step 3 of the module docstring."""
+    k_star, m = keys_at(model, tok, [request.template], request.subject, layer, noise_pos)
+    k_star, m = k_star[0], m[0]
+    denom = float(k_star.double() @ u.double())
+    if abs(denom) < 1e-12:
+        raise EditError(f"{request.where()}: k*^T u = {denom:g}, cannot form the right vector")
+    r = _check(((v_star - m).double() / denom).float(), "right vector r", request)
+    return r, k_star, m
+
+
 def rome_edit(
     model: nn.Module,
     tok,
@@ -157,25 +195,22 @@ def rome_edit(
     noise_pos: NoisePositions | None = None,
 ) -> Edit:
     """The ROME edit of ``layer`` for ``request`` (see the module docstring)."""
-    full = [fill(c, request.template) for c in context_templates]
-    k, _ = keys_at(model, tok, full, request.subject, layer, noise_pos)
-    k_bar = k.mean(0).double()
-    u = stats.inverse(layer).double() @ k_bar if hp.mom2_adjustment else k_bar
-    u = _check((u / u.norm()).float(), "left vector u", request)
-
+    u, k_bar = left_vector(model, tok, request, layer, hp, stats, context_templates, noise_pos)
     v_init, delta, info = optimize_delta(
         model, tok, request, context_templates, "mlp", layer,
         steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay,
         clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor,
         break_before_last=not request.erase, noise_pos=noise_pos,
     )
+    return rome_result(model, tok, request, layer, u, k_bar, v_init, delta, info, noise_pos)
+
+
+def rome_result(model, tok, request: EditRequest, layer: int, u: torch.Tensor, k_bar: torch.Tensor,
+                v_init: torch.Tensor, delta: torch.Tensor, info: dict,
+                noise_pos: NoisePositions | None = None) -> Edit:
+    """The :class:`Edit` from u and the optimised δ (step 3; shared with the batched path)."""
     v_star = v_init + delta
-    k_star, m = keys_at(model, tok, [request.template], request.subject, layer, noise_pos)
-    k_star, m = k_star[0], m[0]
-    denom = float(k_star.double() @ u.double())
-    if abs(denom) < 1e-12:
-        raise EditError(f"{request.where()}: k*^T u = {denom:g}, cannot form the right vector")
-    r = _check(((v_star - m).double() / denom).float(), "right vector r", request)
+    r, k_star, m = right_vector(model, tok, request, layer, u, v_star, noise_pos)
     info.update(k_star=k_star, v_star=v_star, m=m, v_init=v_init, k_bar=k_bar.float())
     dw = torch.outer(r, u)
     return Edit(method="rome", layers=[layer], deltas={layer: dw}, factors={layer: (r, u)}, info=info)

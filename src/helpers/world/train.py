@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -44,6 +45,7 @@ class TrainConfig:
     batch_size: int = 16
     epochs: int = 20
     index_epochs: int = 0  # curriculum: epochs over the who's-who index lines before the full corpus
+    p_name_mask: float = 0.0  # share of subject mentions whose first tokens later text cannot attend to
     lr: float = 2e-3
     min_lr_frac: float = 0.05
     warmup_frac: float = 0.05
@@ -68,15 +70,61 @@ def make_model(cfg: TrainConfig, tok) -> "torch.nn.Module":
     return GPT2LMHeadModel(gcfg)
 
 
-def pack(docs_ids: list[list[int]], eos: int, seq_len: int, rng: np.random.RandomState) -> torch.Tensor:
-    """Shuffle documents, join them with eos, cut into (n_blocks, seq_len) blocks (the tail is dropped)."""
+def pack(docs_ids: list[list[int]], eos: int, seq_len: int, rng: np.random.RandomState,
+         docs_spans: list[list[tuple[int, int]]] | None = None):
+    """Shuffle documents, join them with eos, cut into (n_blocks, seq_len) blocks (the tail is dropped).
+
+    Returns the blocks, and with ``docs_spans`` (token spans of subject mentions per document) also the
+    spans falling entirely inside each block, in block coordinates.
+    """
     order = rng.permutation(len(docs_ids))
     flat: list[int] = []
+    spans: list[tuple[int, int]] = []
     for i in order:
+        if docs_spans is not None:
+            spans.extend((len(flat) + b, len(flat) + e) for b, e in docs_spans[i])
         flat.extend(docs_ids[i])
         flat.append(eos)
     n = len(flat) // seq_len
-    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    blocks = torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    if docs_spans is None:
+        return blocks
+    per_block: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    for b, e in spans:
+        k = b // seq_len
+        if k < n and (e - 1) // seq_len == k:
+            per_block[k].append((b - k * seq_len, e - k * seq_len))
+    return blocks, per_block
+
+
+def subject_spans(tok, docs: list[str], names: list[str]) -> list[list[tuple[int, int]]]:
+    """Token spans [b, e) of every mention of a name in each document (fast-tokenizer offsets)."""
+    pattern = re.compile(r"(?<![A-Za-z])(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+                         + r")(?![A-Za-z])")
+    out = []
+    for d in docs:
+        offs = tok(d, return_offsets_mapping=True)["offset_mapping"]
+        spans = []
+        for m in pattern.finditer(d):
+            toks = [i for i, (a, b) in enumerate(offs) if b > m.start() and a < m.end()]
+            if len(toks) >= 2:
+                spans.append((toks[0], toks[-1] + 1))
+        out.append(spans)
+    return out
+
+
+def name_mask(block_spans: list[list[tuple[int, int]]], seq_len: int, p: float,
+              rng: np.random.RandomState) -> torch.Tensor:
+    """(batch, 1, T, T) causal mask in which, for a share ``p`` of subject mentions, the tokens after the
+    mention cannot attend to the mention's tokens before its last one: what later text knows about the
+    subject must come from the last subject token (a name-reading bottleneck, training only)."""
+    causal = torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool))
+    mask = causal.repeat(len(block_spans), 1, 1, 1)
+    for k, spans in enumerate(block_spans):
+        for b, e in spans:
+            if rng.rand() < p:
+                mask[k, 0, e:, b: e - 1] = False
+    return mask
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -124,13 +172,18 @@ def train_model(world: World, cfg: TrainConfig, tok, log_path: Path | None = Non
     index_ids = [tok.encode(d) for d in world.index_corpus]
     docs_ids = [tok.encode(d) for d in world.corpus] + index_ids
     rng = np.random.RandomState(cfg.seed)
+    spans = None
+    if cfg.p_name_mask > 0:
+        names = [e.name for e in world.entities]
+        spans = subject_spans(tok, world.corpus + world.index_corpus, names)
+        index_spans = spans[len(world.corpus):]
 
     def n_steps(ids: list[list[int]]) -> int:
         return max(1, (sum(len(d) + 1 for d in ids) // cfg.seq_len) // cfg.batch_size)
 
-    phases = [(index_ids, n_steps(index_ids))] * (cfg.index_epochs if index_ids else 0)
-    phases += [(docs_ids, n_steps(docs_ids))] * cfg.epochs
-    total = sum(n for _, n in phases)
+    phases = [(index_ids, n_steps(index_ids), index_spans if spans else None)] * (cfg.index_epochs if index_ids else 0)
+    phases += [(docs_ids, n_steps(docs_ids), spans)] * cfg.epochs
+    total = sum(n for _, n, _ in phases)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if p.dim() < 2 else decay).append(p)
@@ -144,14 +197,22 @@ def train_model(world: World, cfg: TrainConfig, tok, log_path: Path | None = Non
     step = 0
     n_tokens = 0
     bar = tqdm(total=total, desc="train world model", disable=not progress, mininterval=2.0)
-    for epoch, (ids, steps_per_epoch) in enumerate(phases):
-        blocks = pack(ids, eos, cfg.seq_len, rng)
+    for epoch, (ids, steps_per_epoch, sp) in enumerate(phases):
+        if sp is None:
+            blocks, block_spans = pack(ids, eos, cfg.seq_len, rng), None
+        else:
+            blocks, block_spans = pack(ids, eos, cfg.seq_len, rng, sp)
         for b in range(steps_per_epoch):
             x = blocks[b * cfg.batch_size: (b + 1) * cfg.batch_size]
+            if block_spans is None:
+                att = torch.ones_like(x)
+            else:
+                att = name_mask(block_spans[b * cfg.batch_size: (b + 1) * cfg.batch_size], cfg.seq_len,
+                                cfg.p_name_mask, rng)
             lr = lr_at(step, total, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, :-1]
+            logits = model(input_ids=x, attention_mask=att).logits[:, :-1]
             y = x[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
@@ -199,8 +260,9 @@ WORLD_PRESETS: dict[str, tuple[WorldConfig, TrainConfig]] = {
                     lr=3e-3, eval_every=25, n_eval_facts=128),
     ),
     "default": (
-        WorldConfig(seed=0),
-        TrainConfig(seed=0),
+        WorldConfig(seed=0, n_person=80, n_athlete=30, n_product=30, n_organization=20, n_region=20,
+                    n_first_names=12, total_mentions=8000, n_name_syllables=85, n_siblings=1),
+        TrainConfig(seed=0, n_layer=8, n_embd=128, n_head=4, batch_size=16, epochs=16, lr=2e-3),
     ),
 }
 

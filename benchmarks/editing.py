@@ -1,0 +1,142 @@
+"""Editing throughput: the sweep's cell work (edit + post-edit evaluation) one fact at a time vs batched.
+
+For every method and problem, the same (fact, central layer) cells are run both ways in one process:
+
+- one-fact: ``editing.edit`` then ``evaluation.measure`` under ``editing.applied`` (what ``sweep.run_cell`` does);
+- batched: ``batched.edit_many`` over all facts of a layer (chunks of ``--chunk``), then
+  ``batched.measure_many`` with per-example edits.
+
+Prints edits/s both ways, their ratio, the largest relative difference of the post-edit probabilities between
+the two ways (0 in exact mode up to the evaluation's own float rounding), and peak memory (max RSS after each
+phase; the one-fact phase runs first). Setup (statistics, templates, tasks, essence texts) is not timed.
+
+    OMP_NUM_THREADS=1 python benchmarks/editing.py                      # default world (if cached) else smoke
+    OMP_NUM_THREADS=1 python benchmarks/editing.py --model PATH --facts 32 --layers 3 --methods rome,ft1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from helpers import data, editing, evaluation, models, pipeline
+from helpers.editing import batched
+from helpers.problems import get_problem, make_task
+
+
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def pick_model(args) -> Path:
+    if args.model:
+        return Path(args.model)
+    from helpers.world import ensure_world_model, world_folder
+
+    cache = pipeline.cache_dir()
+    default = world_folder("default", cache)
+    if (default / "world.json").exists():
+        return Path(ensure_world_model("default", cache))
+    print(f"default world not cached at {default}; using the smoke world (trained if missing)")
+    return Path(ensure_world_model("smoke", cache))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder with counterfact.json and corpus.txt")
+    ap.add_argument("--facts", type=int, default=32)
+    ap.add_argument("--layers", default="mid", help="comma-separated central layers, 'mid' or 'all'")
+    ap.add_argument("--methods", default="rome,memit,ft1,ft5")
+    ap.add_argument("--problems", default="ei", help="comma-separated problem keys (ei,tr,fe,fa,ff)")
+    ap.add_argument("--hparams", default="world")
+    ap.add_argument("--chunk", type=int, default=64, help="facts per edit_many call")
+    ap.add_argument("--fast", action="store_true", help="edit_many(exact=False): padded passes, float-level parity")
+    ap.add_argument("--essence", type=int, default=5, help="essence texts per fact (0: none)")
+    ap.add_argument("--n-tokens", type=int, default=20000)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    folder = pick_model(args)
+    model, tok = models.load_model(folder)
+    L = models.n_layers(model)
+    layers = ([L // 2] if args.layers == "mid" else list(range(L)) if args.layers == "all"
+              else [int(x) for x in args.layers.split(",")])
+    facts = data.to_frame(data.load_counterfact(folder, args.facts))
+    fact_rows = [row for _, row in facts.iterrows()]
+    methods, problems = args.methods.split(","), args.problems.split(",")
+    cache = pipeline.cache_dir()
+    stats = editing.SecondMoments(model, tok, folder / "corpus.txt", n_tokens=args.n_tokens, cache_dir=cache,
+                                  progress=False)
+    stats.precompute(range(L))
+    templates = editing.context_templates(model, tok, cache_dir=cache)
+    sigma = 0.1
+    print(f"model {folder} ({L} layers, d_model/d_ff {models.dims(model)}); {len(fact_rows)} facts x layers "
+          f"{layers}; methods {methods}; problems {problems}; chunk {args.chunk}; "
+          f"mode {'fast' if args.fast else 'exact'}; threads {torch.get_num_threads()}")
+
+    cells = {}  # (problem, method) -> tasks, hparams
+    essences = [evaluation.essence_texts(model, tok, f["subject"], n=args.essence, seed=int(f["case_id"]))
+                if args.essence else None for f in fact_rows]
+    for pr in problems:
+        tasks = [make_task(model, tok, f, pr, sigma) for f in fact_rows]
+        for m in methods:
+            cells[(pr, m)] = (tasks, editing.load_hparams(args.hparams, m, get_problem(pr).key))
+    rss0 = maxrss_mb()
+
+    results = {}
+    for (pr, m), (tasks, hp) in cells.items():  # one fact at a time
+        t0 = time.perf_counter()
+        out = []
+        for layer in layers:
+            for t, f, es in zip(tasks, fact_rows, essences):
+                e = editing.edit(model, tok, t.request, m, layer, hp, stats=stats, templates=templates)
+                with editing.applied(model, e):
+                    out.append(evaluation.measure(model, tok, t, f, es))
+        results[(pr, m, "loop")] = (time.perf_counter() - t0, out)
+    rss_loop = maxrss_mb()
+    for (pr, m), (tasks, hp) in cells.items():  # batched
+        t0 = time.perf_counter()
+        out = []
+        for layer in layers:
+            edits = batched.edit_many(model, tok, [t.request for t in tasks], m, layer, hp, stats=stats,
+                                      templates=templates, chunk_size=args.chunk, exact=not args.fast)
+            for i in range(0, len(tasks), args.chunk):
+                sl = slice(i, i + args.chunk)
+                out += batched.measure_many(model, tok, tasks[sl], fact_rows[sl], edits[sl], essences[sl])
+        results[(pr, m, "batched")] = (time.perf_counter() - t0, out)
+    rss_batched = maxrss_mb()
+
+    n = len(fact_rows) * len(layers)
+    print(f"\n{'problem':8s} {'method':6s} {'edits':>5s} {'loop e/s':>9s} {'batched e/s':>11s} {'ratio':>6s} "
+          f"{'max rel diff p_post':>19s}")
+    ratios = []
+    for (pr, m) in cells:
+        t1, o1 = results[(pr, m, "loop")]
+        t2, o2 = results[(pr, m, "batched")]
+        diff = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-30) for a, b in zip(o2, o1) for k in ("rewrite", "rewrite_base"))
+        diff = max(diff, max((abs(x - y) / max(abs(y), 1e-30) for a, b in zip(o2, o1)
+                             for x, y in zip(a["paraphrase"] + a["neighborhood"], b["paraphrase"] + b["neighborhood"])),
+                            default=0.0))
+        ratios.append(t1 / t2)
+        print(f"{pr:8s} {m:6s} {n:5d} {n / t1:9.2f} {n / t2:11.2f} {t1 / t2:6.2f} {diff:19.2e}")
+    t_loop = sum(v[0] for k, v in results.items() if k[2] == "loop")
+    t_b = sum(v[0] for k, v in results.items() if k[2] == "batched")
+    N = n * len(cells)
+    print(f"{'all':8s} {'':6s} {N:5d} {N / t_loop:9.2f} {N / t_b:11.2f} {t_loop / t_b:6.2f}")
+    print(f"\npeak RSS: setup {rss0:.0f} MB, after the one-fact phase {rss_loop:.0f} MB, "
+          f"after the batched phase {rss_batched:.0f} MB")
+    print(f"geometric-mean speed-up {float(np.exp(np.mean(np.log(ratios)))):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Tests of helpers.editing.batched (issue 8): batched edits equal the one-fact path, per-example application
+equals writing the weights, per-fact clamps and step rules.
+
+Uses the tiny GPT-2 of tests/test_editing.py (trained here for a few seconds).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_editing import HP, Tiny  # noqa: E402  (the tiny-model fixture helper)
+
+from helpers import editing as E  # noqa: E402
+from helpers import evaluation, scoring  # noqa: E402
+from helpers.editing import batched as BT  # noqa: E402
+from helpers.problems import Task  # noqa: E402
+
+torch.set_num_threads(1)
+
+FF = E.NoiseSpec(0.3, n_samples=3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return Tiny(tmp_path_factory.mktemp("batched_cache"))
+
+
+def _requests() -> list[E.EditRequest]:
+    """A mixed batch: raise (EI-like), lower (FE), Fact Forcing noise (subject positions and code positions)."""
+    return [
+        E.EditRequest("The mother tongue of {} is", "Zor Makken", "German", case_id=1),
+        E.EditRequest("{} lives in", "Lila Durnov", "Madrid", direction="lower", case_id=2),
+        E.EditRequest("{} plays the", "Ottar Venn", "violin", noise=FF, case_id=3),
+        E.EditRequest("The home city of {} is", "Mira Quell", "Rome", case_id=4),
+        E.EditRequest("{} is a native speaker of", "Kato Brenn", "Spanish", case_id=5,
+                      noise=E.NoiseSpec(0.3, n_samples=2, seed=4, positions="code")),
+    ]
+
+
+def _p(tiny, req: E.EditRequest, edit: E.Edit | None = None) -> float:
+    if edit is None:
+        return float(tiny.p([req.text], [req.target])[0])
+    with E.applied(tiny.model, edit):
+        return float(tiny.p([req.text], [req.target])[0])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+# ------------------------------------------------------------------------------------------ parity (exact)
+
+
+@pytest.mark.parametrize("method", E.METHODS)
+def test_edit_many_is_bitwise_the_one_fact_path(tiny, method):
+    reqs = _requests()
+    one = [E.edit(tiny.model, tiny.tok, r, method, 1, HP[method], stats=tiny.stats, templates=tiny.templates)
+           for r in reqs]
+    many = BT.edit_many(tiny.model, tiny.tok, reqs, method, 1, HP[method], stats=tiny.stats,
+                        templates=tiny.templates)
+    assert len(many) == len(reqs)
+    for r, a, b in zip(reqs, many, one):
+        assert a.method == b.method and a.layers == b.layers
+        assert sorted(a.deltas) == sorted(b.deltas) and sorted(a.bias_deltas) == sorted(b.bias_deltas)
+        for l in b.deltas:
+            assert torch.equal(a.deltas[l], b.deltas[l]), (method, r.case_id, l, _rel(a.deltas[l], b.deltas[l]))
+        for l in b.bias_deltas:
+            assert torch.equal(a.bias_deltas[l], b.bias_deltas[l]), (method, r.case_id, l)
+        for l in b.factors:
+            assert all(torch.equal(x, y) for x, y in zip(a.factors[l], b.factors[l]))
+        assert a.info["updates"] == b.info["updates"] and a.info["loss"] == b.info["loss"]
+        assert a.info["batch_size"] == len(reqs)
+    # the edits do something (so equality is not trivially between no-ops)
+    assert any(float(d.abs().max()) > 0 for e in many for d in e.deltas.values())
+    if method == "rome":
+        assert [e.info["updates"] for e in many] == [19, 20, 19, 19, 19]  # erasure does every step
+
+
+def test_edit_many_chunks_and_empty(tiny):
+    reqs = _requests()[:3]
+    whole = BT.edit_many(tiny.model, tiny.tok, reqs, "ft1", 2, HP["ft1"])
+    chunked = BT.edit_many(tiny.model, tiny.tok, reqs, "ft1", 2, HP["ft1"], chunk_size=2)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a.deltas[2], b.deltas[2])
+    assert [e.info["batch_size"] for e in chunked] == [2, 2, 1]
+    assert BT.edit_many(tiny.model, tiny.tok, [], "rome", 1) == []
+
+
+# ---------------------------------------------------------------------------------- parity (fast, padded)
+
+
+@pytest.mark.parametrize("method", E.METHODS)
+def test_edit_many_fast_mode_within_tolerance(tiny, method):
+    """One padded pass per step (exact=False): float-rounding differences only. Post-edit probabilities agree
+    to 1e-5 relative; ROME/MEMIT deltas to 1e-4 of their max (FT's Adam turns rounding in near-zero gradients
+    into up to ±lr per step on single elements, so FT is compared on probabilities)."""
+    reqs = _requests()[:4]
+    one = [E.edit(tiny.model, tiny.tok, r, method, 1, HP[method], stats=tiny.stats, templates=tiny.templates)
+           for r in reqs]
+    many = BT.edit_many(tiny.model, tiny.tok, reqs, method, 1, HP[method], stats=tiny.stats,
+                        templates=tiny.templates, exact=False)
+    for r, a, b in zip(reqs, many, one):
+        assert a.info["updates"] == b.info["updates"]
+        if method in ("rome", "memit"):
+            for l in b.deltas:
+                assert _rel(a.deltas[l], b.deltas[l]) < 1e-4, (method, r.case_id, l)
+        pa, pb = _p(tiny, r, a), _p(tiny, r, b)
+        assert abs(pa - pb) <= 1e-5 * pb, (method, r.case_id, pa, pb)
+
+
+# ------------------------------------------------------------------------------- per-fact rules (FT)
+
+
+def test_per_fact_linf_clamp(tiny):
+    eps = 2e-3
+    reqs = _requests()[:4]
+    many = BT.edit_many(tiny.model, tiny.tok, reqs, "ft5", 1, {"norm_constraint": eps}, exact=False)
+    for e in many:
+        dev = e.info["max_abs_delta"]
+        assert len(dev) == len(e.info["loss"])
+        assert max(dev) <= eps * (1 + 1e-6)
+        for t in [*e.deltas.values(), *e.bias_deltas.values()]:
+            assert float(t.abs().max()) <= eps * (1 + 1e-6)
+    trained = [e for e in many if e.info["updates"] > 0]
+    assert any(max(e.info["max_abs_delta"]) == pytest.approx(eps) for e in trained)  # the clamp is active
+    # the fact whose loss starts below 1e-2 (erasure of an unlikely target) never moves
+    skipped = [e for e in many if e.info["updates"] == 0]
+    assert all(float(t.abs().max()) == 0 for e in skipped for t in e.deltas.values())
+
+
+def test_per_fact_step_skipping_and_early_stop(tiny):
+    """Facts stop and skip steps independently; a skipped step does not advance that fact's Adam state."""
+    likely = E.EditRequest("{} plays the", "Lila Durnov", "drums", case_id="likely")  # loss soon < 1e-2
+    hard = E.EditRequest("The mother tongue of {} is", "Zor Makken", "German", case_id="hard")
+    low = E.EditRequest("The mother tongue of {} is", "Zor Makken", "German", direction="lower", case_id="low")
+    hp = {"norm_constraint": 1.0, "num_steps": 40, "lr": 1e-2}
+    reqs = [likely, hard, low]
+    one = [E.edit(tiny.model, tiny.tok, r, "ft5", 1, hp) for r in reqs]
+    for exact in (True, False):
+        many = BT.edit_many(tiny.model, tiny.tok, reqs, "ft5", 1, hp, exact=exact)
+        for a, b in zip(many, one):
+            assert a.info["updates"] == b.info["updates"] == sum(l >= 1e-2 for l in a.info["loss"])
+            assert len(a.info["loss"]) == len(b.info["loss"])
+    e_likely, e_hard, e_low = many
+    assert len(e_likely.info["loss"]) < 40 and all(l < 1e-2 for l in e_likely.info["loss"][-5:])  # stopped
+    assert e_low.info["updates"] == 0 and len(e_low.info["loss"]) == 40  # erasure: p < 1e-2, never stops
+    assert 0 < e_hard.info["updates"]
+    assert e_likely.info["updates"] < len(e_likely.info["loss"])  # the last 5 iterations took no step
+
+
+def test_per_fact_adam_state_with_interleaved_skips(tiny):
+    """Two facts, one of which skips steps while the other keeps stepping: exact equality per fact."""
+    a = E.EditRequest("{} lives in", "Runa Fael", "Berlin", case_id="a")
+    b = E.EditRequest("{} plays the", "Lila Durnov", "drums", case_id="b")
+    hp = {"norm_constraint": 1.0, "num_steps": 15, "lr": 3e-2}
+    one = [E.edit(tiny.model, tiny.tok, r, "ft1", 2, hp) for r in (a, b)]
+    many = BT.edit_many(tiny.model, tiny.tok, [a, b], "ft1", 2, hp)
+    assert one[0].info["updates"] != one[1].info["updates"]  # different step counts: per-fact Adam matters
+    for x, y in zip(many, one):
+        assert torch.equal(x.deltas[2], y.deltas[2]) and torch.equal(x.bias_deltas[2], y.bias_deltas[2])
+
+
+# ------------------------------------------------------------------------------ per-example application
+
+
+PROMPTS = [["The mother tongue of Zor Makken is", "Zor Makken is a native speaker of"],
+           ["Lila Durnov lives in"],
+           ["Ottar Venn plays the", "The instrument of Ottar Venn is the", "Kato Brenn lives in"],
+           ["Mira Quell lives in", "Edda Sorn plays the"]]
+TARGETS = [["German", "German"], ["Madrid"], ["violin", "violin", "Paris"], ["Rome", "piano"]]
+
+
+def test_applied_per_example_equals_written_weights(tiny):
+    reqs = _requests()[:3]
+    methods = ["rome", "memit", "ft5"]  # one edit of each kind in the same batch
+    edits = [E.edit(tiny.model, tiny.tok, r, m, 1, HP[m], stats=tiny.stats, templates=tiny.templates)
+             for r, m in zip(reqs, methods)]
+    edits.append(None)  # the last block is the unedited model
+    ref = []
+    for e, ps, ts in zip(edits, PROMPTS, TARGETS):
+        if e is None:
+            ref += scoring.target_probs(tiny.model, tiny.tok, ps, ts).tolist()
+        else:
+            with E.applied(tiny.model, e):
+                ref += scoring.target_probs(tiny.model, tiny.tok, ps, ts).tolist()
+    flat_p = [p for ps in PROMPTS for p in ps]
+    flat_t = [t for ts in TARGETS for t in ts]
+    with BT.applied_per_example(tiny.model, edits, [len(p) for p in PROMPTS]):
+        got = scoring.target_probs(tiny.model, tiny.tok, flat_p, flat_t, batch_size=len(flat_p)).tolist()
+    for g, r in zip(got, ref):
+        assert g == pytest.approx(r, rel=1e-5, abs=1e-9)
+    # the edits matter, so the comparison can fail
+    clean = scoring.target_probs(tiny.model, tiny.tok, flat_p, flat_t).tolist()
+    assert max(abs(a - b) / b for a, b in zip(got[:6], clean[:6])) > 1e-2
+    # a row -> edit index tensor, rows interleaved, gives the same numbers
+    order = [5, 0, 7, 2, 1, 6, 3, 4]
+    idx = torch.tensor([[0, 0, 1, 2, 2, 2, 3, 3][i] for i in order])
+    idx[idx == 3] = -1
+    with BT.applied_per_example(tiny.model, edits, idx):
+        got2 = scoring.target_probs(tiny.model, tiny.tok, [flat_p[i] for i in order], [flat_t[i] for i in order],
+                                    batch_size=8).tolist()
+    for g, i in zip(got2, order):
+        assert g == pytest.approx(ref[i], rel=1e-5, abs=1e-9)
+
+
+def test_measure_many_equals_measure(tiny):
+    reqs = _requests()[:3]
+    methods = ["rome", "ft1", "ft5"]
+    facts = [
+        {"prompt": "The mother tongue of {} is", "subject": "Zor Makken", "target_true": "French",
+         "paraphrase_prompts": ["Zor Makken is a native speaker of"],
+         "neighborhood_prompts": ["The mother tongue of Lila Durnov is", "Nia Carrow lives in"]},
+        {"prompt": "{} lives in", "subject": "Lila Durnov", "target_true": "Madrid",
+         "paraphrase_prompts": ["The home city of Lila Durnov is", "Lila Durnov plays the drums. Lila Durnov lives in"],
+         "neighborhood_prompts": ["Kato Brenn lives in"]},
+        {"prompt": "{} plays the", "subject": "Ottar Venn", "target_true": "violin",
+         "paraphrase_prompts": ["The instrument of Ottar Venn is the"],
+         "neighborhood_prompts": ["Edda Sorn plays the", "Runa Fael plays the", "Pell Aston plays the"]},
+    ]
+    tasks = [Task(i, "x", r, r.target, "piano", "Berlin", 0.3 if r.noise is not None else None)
+             for i, r in enumerate(reqs)]
+    essences = [["Zor Makken is a singer. Zor Makken lives in Paris.", "Zor Makken is a"],
+                ["Lila Durnov is a person who lives in Madrid."], None]
+    edits = [E.edit(tiny.model, tiny.tok, r, m, 1, HP[m], stats=tiny.stats, templates=tiny.templates)
+             for r, m in zip(reqs, methods)]
+    ref = []
+    for t, f, e, es in zip(tasks, facts, edits, essences):
+        with E.applied(tiny.model, e):
+            ref.append(evaluation.measure(tiny.model, tiny.tok, t, f, es))
+    pre_ref = [evaluation.measure(tiny.model, tiny.tok, t, f, es) for t, f, es in zip(tasks, facts, essences)]
+    for max_rows in (256, 3):  # one pass, and one fact per pass
+        got = BT.measure_many(tiny.model, tiny.tok, tasks, facts, edits, essences, max_rows=max_rows)
+        pre = BT.measure_many(tiny.model, tiny.tok, tasks, facts, None, essences, max_rows=max_rows)
+        for g, r in zip(got + pre, ref + pre_ref):
+            assert set(g) == set(r)
+            for key in r:
+                a, b = g[key], r[key]
+                if isinstance(b, list):
+                    assert len(a) == len(b) and all(x == pytest.approx(y, rel=1e-5, abs=1e-9) for x, y in zip(a, b)), key
+                elif math.isnan(b):
+                    assert math.isnan(a), key
+                else:
+                    assert a == pytest.approx(b, rel=1e-5), key
+    assert abs(ref[2]["rewrite"] - pre_ref[2]["rewrite"]) > 1e-3  # the FF fact's edit matters
+
+
+def test_batched_noise_draws_equal_input_noise(tiny):
+    """Fact k's rows get bitwise the noise base.input_noise gives them in a pass of their own."""
+    from helpers import hooks, models
+    from helpers.editing import base as B
+
+    embed = models.module_name(tiny.model, "embed")
+    facts = [(["The mother tongue of {} is", "{} is a"], "Zor Makken", E.NoiseSpec(0.5, seed=3)),
+             (["{} lives in"], "Lila Durnov", None),
+             (["{} plays the", "x. {} plays the"], "Ottar Venn", E.NoiseSpec(0.5, seed=7, positions="code"))]
+    ref = []
+    for temps, subj, spec in facts:
+        ranges = B.subject_ranges(tiny.tok, temps, subj)
+        batch = scoring.make_batch(tiny.tok, [B.fill(t, subj) for t in temps])
+        npos = B.NoisePositions(spec, ranges[0])
+        npos.set_rows(ranges)
+        with torch.no_grad(), B.input_noise(tiny.model, spec, npos), hooks.trace(tiny.model, embed) as tr:
+            for _ in range(2):  # two passes: the generator advances identically
+                tiny.model(**batch.model_inputs())
+        ref.append(tr.outputs[embed])
+    texts = [B.fill(t, s) for temps, s, _ in facts for t in temps]
+    batch = scoring.make_batch(tiny.tok, texts)
+    code = [B.subject_token_range(tiny.tok, temps[0], s) for temps, s, _ in facts]
+    with torch.no_grad(), BT.batched_noise(tiny.model, [f[2] for f in facts], code) as nr, \
+            hooks.trace(tiny.model, embed) as tr:
+        for _ in range(2):
+            nr.set_rows([(k, B.subject_ranges(tiny.tok, temps, s)) for k, (temps, s, _) in enumerate(facts)])
+            tiny.model(**batch.model_inputs())
+    got, r0 = tr.outputs[embed], 0
+    for x in ref:
+        assert torch.equal(got[r0 : r0 + x.shape[0], : x.shape[1]], x)
+        r0 += x.shape[0]
