@@ -152,6 +152,17 @@ def down_proj_out_in(model: nn.Module, layer: int) -> torch.Tensor:
     return w.T if arch_of(model).down_proj_transposed else w
 
 
+def window(center: int, w: int, n_layers: int) -> range:
+    """W(center, w) = [max(0, c - w//2), min(L, c + ceil(w/2))): the layers a window of width ``w`` around
+    ``center`` covers, clipped at the edges and never shifted (SCIENCE.md §2.2). Tracing restores and
+    FT-5/MEMIT edit exactly these layers."""
+    if w < 1:
+        raise ValueError(f"window width must be >= 1, got {w}")
+    if not 0 <= center < n_layers:
+        raise IndexError(f"central layer {center} out of range for a {n_layers}-layer model")
+    return range(max(0, center - w // 2), min(n_layers, center + -(-w // 2)))
+
+
 def dims(model: nn.Module) -> tuple[int, int]:
     """(d_model, d_ff) read off the layer-0 down-projection."""
     d_model, d_ff = down_proj_out_in(model, 0).shape

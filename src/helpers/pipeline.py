@@ -163,7 +163,7 @@ def stages(profile: Profile, root: Path | None = None) -> list[Stage]:
             continue
         if stem.startswith("03_editing"):
             ed = profile.raw["editing"]
-            from .edit_plots import METHOD_LABELS, PROBLEM_LABELS
+            from .plots import METHOD_LABELS, PROBLEM_LABELS
 
             for m in ed["methods"]:
                 for p in ed["problems"]:

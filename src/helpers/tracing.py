@@ -38,6 +38,7 @@ from torch import nn
 
 from .hooks import trace
 from .models import PAPER_NOISE, arch_of, module, module_name, n_layers
+from .models import window as models_window
 from .scoring import Batch, encode, make_batch, target_logprob_from_logits
 
 log = logging.getLogger(__name__)
@@ -142,10 +143,8 @@ def fill_prompt(prompt: str, subject: str) -> str:
 
 
 def window_layers(layer: int, window: int, n_layer: int) -> range:
-    """W(l, w) = [max(0, l - w//2), min(L, l + ceil(w/2))): clipped at the edges, never shifted (§2.2)."""
-    if window < 1 or not 0 <= layer < n_layer:
-        raise ValueError(f"bad window {window} / layer {layer} for {n_layer} layers")
-    return range(max(0, layer - window // 2), min(n_layer, layer + math.ceil(window / 2)))
+    """W(l, w), clipped at the edges (see :func:`helpers.models.window`)."""
+    return models_window(layer, window, n_layer)
 
 
 def noise_draws(n_samples: int, n_subject_tokens: int, d_model: int, seed: int = NOISE_SEED) -> np.ndarray:

@@ -140,10 +140,8 @@ class Edit:
 
 
 def window(center: int, w: int, n_layers: int) -> list[int]:
-    """W(center, w) = [max(0, c - w//2), min(L, c + ceil(w/2))), clipped at the edges (SCIENCE.md §2.2)."""
-    if not 0 <= center < n_layers:
-        raise IndexError(f"central layer {center} out of range for a {n_layers}-layer model")
-    return list(range(max(0, center - w // 2), min(n_layers, center + math.ceil(w / 2))))
+    """W(center, w) as a list (see :func:`helpers.models.window`)."""
+    return list(models.window(center, w, n_layers))
 
 
 # ------------------------------------------------------------------------------------------- templates
