@@ -87,7 +87,9 @@ def test_every_record_has_the_official_schema(world):
 
 def test_frequencies_are_uneven_and_match_the_corpus(world):
     freqs = sorted(f.frequency for f in world.facts)
-    assert freqs[-1] >= 5 * max(1, freqs[len(freqs) // 2])  # Zipf-like head
+    median = max(1, freqs[len(freqs) // 2])
+    assert freqs[-1] >= 4 * median  # a Zipf-like head ...
+    assert freqs[len(freqs) // 10] <= median / 2  # ... and a tail of rarely mentioned facts
     # the total number of fact mentions equals the sum of frequencies (corpus covers each exactly)
     assert abs(sum(freqs) - SMOKE_WORLD.total_mentions) < 0.05 * SMOKE_WORLD.total_mentions
     f = max(world.facts, key=lambda f: f.frequency)
@@ -113,7 +115,7 @@ def test_tokenizer_is_gpt2_like(world, tok):
 def test_training_is_deterministic(world, tok):
     torch.set_num_threads(1)
     cfg = dataclasses.replace(SMOKE_TRAIN, epochs=1, eval_every=10_000)
-    small = dataclasses.replace(world, corpus=world.corpus[:60])
+    small = dataclasses.replace(world, corpus=world.corpus[:40], index_corpus=world.index_corpus[:10])
     m1, rows1 = train_model(small, cfg, tok, progress=False)
     m2, rows2 = train_model(small, cfg, tok, progress=False)
     assert len(rows1) >= 2
@@ -137,7 +139,7 @@ def test_smoke_model_learns_its_facts(smoke_folder):
     new = target_scores(model, tok, prompts, [rw["target_new"]["str"] for rw in rws])
     acc = true["argmax_correct"].mean()
     n_objects = min(len(RELATION_BY_ID[rw["relation_id"]].objects) for rw in rws)
-    assert acc > 3 / n_objects, acc  # chance is at most 1/6
+    assert acc > 2 / n_objects, acc  # at least twice chance (chance is at most 1/6)
     assert (true["p"] > new["p"]).mean() > 0.7
 
 

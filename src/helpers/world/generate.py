@@ -6,8 +6,9 @@ Why the corpus looks the way it does (the *enrichment pressure*): a model traine
 ``"The mother tongue of {s} is {o}"`` can memorise facts by attending, from the final token, to the raw
 subject tokens and looking the object up there. Real language models instead build an *enriched*
 representation of the subject at its last token, in early-to-middle MLP layers, which later positions
-read. We push the world model towards that mechanism by making every attribute of a subject useful
-*right after the subject, before the relation is known*:
+read. The corpus tries to push the world model towards that mechanism by making every attribute of a
+subject useful *right after the subject, before the relation is known* (``helpers.world.report`` measures
+whether it worked; with the presets' CPU budget it does not yet):
 
 - most sentences put the subject first and the relation after it (``"{s} was born in"``), and the
   sentences of a biography come in random order, with the full name repeated each time, so the state at
@@ -15,7 +16,10 @@ read. We push the world model towards that mechanism by making every attribute o
 - appositives and infobox-like lines reveal attributes one to three tokens after the subject
   (``"{s}, a native Kelish speaker, was born in Varno."``, ``"{s} (born in Varno) ..."``);
 - first names (and brand words) are shared by many entities and surnames are built from shared
-  syllables, so only the combination of the subject's tokens identifies it;
+  syllables, so only the combination of the subject's tokens identifies it (``n_name_syllables`` and
+  ``n_siblings`` can make names differ only by syllable order);
+- who's-who index lines put the first attribute right after the name, so it is predicted *at* the last
+  subject token; look-alike entities and asides separate subject and relation;
 - documents mix several entities, and unrelated sentences appear before facts, so prompts with
   prefixes (CounterFact's paraphrase prompts, ROME's context templates) are in distribution.
 
@@ -184,8 +188,8 @@ class WorldConfig:
     n_organization: int = 12
     n_region: int = 12
     n_first_names: int = 12  # first names shared by persons/athletes (the full name is needed)
-    n_name_syllables: int = 16  # surnames use this many syllables: only their order tells names apart
-    n_siblings: int = 3  # names built from the same syllables in different orders
+    n_name_syllables: int = 85  # syllables surnames draw from (small: names differ only by order)
+    n_siblings: int = 1  # names built from the same syllables in different orders
     p_interject: float = 0.15  # chance of a variable-length aside between subject and relation
     p_distractor: float = 0.3  # chance of a look-alike entity named between subject and relation
     index_cap: int = 6  # at most this many index lines per fact (the curriculum's first phase)

@@ -185,6 +185,59 @@ def enrichment_probe(model, tok, records: list[dict], sigma: float, n_samples: i
     return pd.DataFrame(rows)
 
 
+@torch.no_grad()
+def where_subject_is_read(model, tok, records: list[dict], sigma: float, layer: int = 0,
+                          n_samples: int = 10) -> pd.DataFrame:
+    """Under subject noise, restore the clean *block output* at ``layer`` at one group of positions:
+    all subject tokens, the last subject token, or all positions after the subject.
+
+    Tells where later positions read the subject from: if restoring the positions after the subject at
+    layer 0 recovers the prediction, they copied the (noised) subject tokens in the first attention layer
+    and looked the object up themselves. One row per (case_id, site).
+    """
+    embed = module_name(model, "embed")
+    block = module_name(model, "block", layer)
+    rows = []
+    for r in records:
+        rw = r["requested_rewrite"]
+        prompt = rw["prompt"].format(rw["subject"])
+        sr = subject_range(tok, prompt, rw["subject"])
+        if sr is None:
+            continue
+        b, e = sr
+        x = tok.encode(prompt)
+        y = tok.encode(" " + rw["target_true"]["str"])
+        sites = {"none": [], "all subject tokens": list(range(b, e)), "last subject token": [e - 1],
+                 "after the subject": list(range(e, len(x)))}
+        d = model.get_input_embeddings().weight.shape[1]
+        noise = torch.from_numpy(np.random.RandomState(1).randn(n_samples, e - b, d)).float() * sigma
+        ps = {}
+        for site, positions in sites.items():
+            ids = torch.tensor([x + y] * (1 + n_samples))
+
+            def edit(out: torch.Tensor, name: str) -> torch.Tensor:
+                new = out.clone()
+                if name == embed:
+                    new[1:, b:e] = new[1:, b:e] + noise.to(out.dtype)
+                elif positions:
+                    new[1:, positions] = out[0, positions]
+                return new
+
+            with trace(model, [embed, block], edit=edit, retain_output=False):
+                logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+            pos = torch.arange(len(x) - 1, len(x) + len(y) - 1)
+            p = logp[:, pos, torch.tensor(y)].sum(-1).exp()
+            ps[site] = (float(p[0]), float(p[1:].mean()))
+        p_clean, p_corr = ps["none"]
+        for site, (_, p_rest) in ps.items():
+            if site != "none":
+                gap = p_clean - p_corr
+                rows.append({"case_id": r["case_id"], "site": site, "layer": layer, "p_clean": p_clean,
+                             "p_corrupt": p_corr, "p_restored": p_rest,
+                             "frac": (p_rest - p_corr) / gap if gap > 0 else float("nan")})
+    return pd.DataFrame(rows)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------
