@@ -82,9 +82,9 @@ def test_essence_texts_start_with_prompt_and_are_seeded(lm):
     assert t1 == evaluation.essence_texts(model, tok, "Toko Yasuda", n=3, max_out_len=15, seed=4)
 
 
-def _cell(method="ft1", problem="ei"):
+def _cell(method="ft1", problem="ei", batch_size=2):
     return sweep.CellConfig(method, problem, [0, 2], editing.load_hparams("world", method, problem), sigma=SIGMA,
-                            essence_samples=2)
+                            essence_samples=2, batch_size=batch_size)
 
 
 def _without_time(t: pd.DataFrame) -> pd.DataFrame:
@@ -117,7 +117,7 @@ def test_failed_edit_is_recorded_and_sweep_goes_on(lm, facts, tmp_path, monkeypa
         return real(model, tok, request, method, layer, *a, **k)
 
     monkeypatch.setattr(editing, "edit", flaky)
-    t = sweep.run_cell(model, tok, facts.head(3), _cell(), tmp_path / "t.parquet", tmp_path)
+    t = sweep.run_cell(model, tok, facts.head(3), _cell(batch_size=1), tmp_path / "t.parquet", tmp_path)
     bad = t[t["status"] == "error"]
     assert list(zip(bad["case_id"], bad["central_layer"])) == [(1, 2)]
     assert "NaN in v*" in bad["message"].iloc[0]
@@ -136,3 +136,18 @@ def test_pre_edit_quantities_are_cached_per_problem(lm, facts, tmp_path, monkeyp
     assert calls == []  # the second method reused the cached pre-edit measurements
     pre = pd.read_parquet(tmp_path / "pre" / "fa.parquet")
     assert list(pre["case_id"]) == [0, 1] and (pre["target"] == facts.head(2)["target_true"].values).all()
+
+
+@pytest.mark.parametrize("method, problem", [("rome", "ei"), ("ft5", "fe"), ("memit", "ff")])
+def test_batched_sweep_equals_one_edit_at_a_time(lm, facts, tmp_path, method, problem):
+    model, tok = lm
+    fs = facts.head(3)
+    corpus = [p.format(s) + " " + t for p, s, t in zip(facts["prompt"], facts["subject"], facts["target_true"])] * 10
+    stats = editing.SecondMoments(model, tok, corpus, n_tokens=300, cache_dir=tmp_path / "cache")
+    templates = editing.context_templates(model, tok, cache_dir=tmp_path / "cache")
+    one = sweep.run_cell(model, tok, fs, _cell(method, problem, batch_size=1), tmp_path / "a.parquet", tmp_path,
+                         stats, templates)
+    many = sweep.run_cell(model, tok, fs, _cell(method, problem, batch_size=3), tmp_path / "b.parquet", tmp_path,
+                          stats, templates)
+    assert (one["status"] == "ok").all()
+    pd.testing.assert_frame_equal(_without_time(one), _without_time(many), rtol=1e-5)

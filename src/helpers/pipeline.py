@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
         "hparams": None,  # hparams family (src/helpers/hparams/<name>.yaml); None = from the model
         "corpus": None,  # text file for second moments; None = the world corpus
         "stats_tokens": 20000,  # keys sampled per layer for the second moments
+        "batch_size": 8,  # facts edited together per layer (results equal one-at-a-time editing)
     },
     "analysis": {"window": 5, "n_boot": 200},
 }

@@ -50,6 +50,7 @@ class CellConfig:
     sigma: float = 0.1
     options: ProblemOptions = field(default_factory=ProblemOptions)
     essence_samples: int = 5
+    batch_size: int = 8  # facts edited together per layer (editing.batched); 1 = one edit at a time
 
 
 def _pre_path(results: Path, problem: str) -> Path:
@@ -106,57 +107,109 @@ def run_cell(
 ) -> pd.DataFrame:
     """Run (or resume) one cell; returns the full edit table (also written to ``out_path``).
 
-    ``stop_after`` processes at most that many facts in this call (for tests of resuming).
+    Facts are processed in chunks of ``cfg.batch_size``: at each layer the chunk's edits are optimised together
+    (:func:`helpers.editing.batched.edit_many`, equal to one-at-a-time editing) and evaluated in batched passes
+    with per-example edits. A chunk that fails as a whole is redone one fact at a time, so every failure is
+    recorded on its own row. The table is written after every chunk. ``stop_after`` processes at most that
+    many facts in this call (for tests of resuming).
     """
     out_path = Path(out_path)
     prob = get_problem(cfg.problem)
     pre = pre_edit(model, tok, facts, prob.key, cfg.sigma, results, cfg.options, cfg.essence_samples)
     done = tables.read_table(out_path) if out_path.exists() else pd.DataFrame(columns=KEY)
     done_keys = set(map(tuple, done[KEY].astype(int).values.tolist()))
+    todo = [f for _, f in facts.iterrows() if any((int(f["case_id"]), l) not in done_keys for l in cfg.layers)]
+    if stop_after is not None:
+        todo = todo[:stop_after]
     new_rows: list[dict] = []
-    n_done_facts = 0
-    todo = [(f, l) for _, f in facts.iterrows() for l in cfg.layers if (int(f["case_id"]), l) not in done_keys]
-    bar = tqdm(total=len(todo), desc=f"{cfg.method} × {prob.key}", leave=False)
-    for _, fact in facts.iterrows():
-        cid = int(fact["case_id"])
-        layers = [l for l in cfg.layers if (cid, l) not in done_keys]
-        if not layers:
-            continue
-        if stop_after is not None and n_done_facts >= stop_after:
-            break
-        p = pre.loc[cid]
-        task = _task_from_pre(fact, p, prob.key, cfg.sigma, cfg.options)
-        for layer in layers:
-            row = dict(case_id=cid, method=cfg.method, problem=prob.key, central_layer=int(layer),
-                       layers_edited=editing.edit_layers(model, cfg.method, layer, cfg.hparams),
-                       direction=prob.direction, target=task.target, baseline=task.baseline,
-                       neighborhood_target=task.neighborhood_target,
-                       rewrite_pre=p["rewrite_pre"], paraphrase_pre=list(p["paraphrase_pre"]),
-                       neighborhood_pre=list(p["neighborhood_pre"]), rewrite_base_pre=p["rewrite_base_pre"],
-                       essence_ppl_pre=p["essence_ppl_pre"], status="ok", message="")
-            t0 = time.perf_counter()
-            try:
-                e = editing.edit(model, tok, task.request, cfg.method, layer, cfg.hparams, stats=stats,
-                                 templates=templates)
-                with editing.applied(model, e):
-                    m = evaluation.measure(model, tok, task, fact, list(p["essence_texts"]))
-                if not _finite(m):
-                    raise FloatingPointError("non-finite post-edit probability or perplexity")
-                row.update(rewrite_post=m["rewrite"], paraphrase_post=m["paraphrase"],
-                           neighborhood_post=m["neighborhood"], rewrite_base_post=m["rewrite_base"],
-                           paraphrase_base_post=m["paraphrase_base"], neighborhood_base_post=m["neighborhood_base"],
-                           essence_ppl_post=m["essence_ppl"])
-            except Exception as err:  # recorded, the sweep goes on
-                log.warning("case %s layer %s %s/%s failed: %s", cid, layer, cfg.method, prob.key, err)
-                row.update(status="error", message=f"{type(err).__name__}: {err}")
-            row["seconds"] = time.perf_counter() - t0
-            new_rows.append(row)
-            bar.update(1)
-        n_done_facts += 1
-        table = _combine(done, new_rows)
-        tables.write_table(table, out_path)  # committed per fact, atomically
+    bar = tqdm(total=sum(sum((int(f["case_id"]), l) not in done_keys for l in cfg.layers) for f in todo),
+               desc=f"{cfg.method} × {prob.key}", leave=False)
+    step = max(1, int(cfg.batch_size))
+    for i in range(0, len(todo), step):
+        chunk = todo[i : i + step]
+        tasks = [_task_from_pre(f, pre.loc[int(f["case_id"])], prob.key, cfg.sigma, cfg.options) for f in chunk]
+        for layer in cfg.layers:
+            idx = [k for k, f in enumerate(chunk) if (int(f["case_id"]), layer) not in done_keys]
+            if not idx:
+                continue
+            rows = _edit_chunk(model, tok, [chunk[k] for k in idx], [tasks[k] for k in idx], pre, layer, cfg,
+                               stats, templates)
+            new_rows += rows
+            bar.update(len(rows))
+        tables.write_table(_combine(done, new_rows), out_path)  # committed per chunk, atomically
     bar.close()
     return _combine(done, new_rows)
+
+
+def _base_row(fact, task: Task, p, layer: int, cfg: CellConfig, model: nn.Module) -> dict:
+    return dict(case_id=int(fact["case_id"]), method=cfg.method, problem=task.problem, central_layer=int(layer),
+                layers_edited=editing.edit_layers(model, cfg.method, layer, cfg.hparams),
+                direction=task.request.direction, target=task.target, baseline=task.baseline,
+                neighborhood_target=task.neighborhood_target,
+                rewrite_pre=p["rewrite_pre"], paraphrase_pre=list(p["paraphrase_pre"]),
+                neighborhood_pre=list(p["neighborhood_pre"]), rewrite_base_pre=p["rewrite_base_pre"],
+                essence_ppl_pre=p["essence_ppl_pre"], status="ok", message="")
+
+
+def _post(row: dict, m: dict) -> None:
+    if not _finite(m):
+        raise FloatingPointError("non-finite post-edit probability or perplexity")
+    row.update(rewrite_post=m["rewrite"], paraphrase_post=m["paraphrase"], neighborhood_post=m["neighborhood"],
+               rewrite_base_post=m["rewrite_base"], paraphrase_base_post=m["paraphrase_base"],
+               neighborhood_base_post=m["neighborhood_base"], essence_ppl_post=m["essence_ppl"])
+
+
+def _fail(row: dict, cfg: CellConfig, err: BaseException) -> None:
+    log.warning("case %s layer %s %s/%s failed: %s", row["case_id"], row["central_layer"], cfg.method,
+                row["problem"], err)
+    row.update(status="error", message=f"{type(err).__name__}: {err}")
+
+
+def _edit_one(model, tok, fact, task: Task, pre, layer: int, cfg: CellConfig, stats, templates) -> dict:
+    p = pre.loc[int(fact["case_id"])]
+    row = _base_row(fact, task, p, layer, cfg, model)
+    t0 = time.perf_counter()
+    try:
+        e = editing.edit(model, tok, task.request, cfg.method, layer, cfg.hparams, stats=stats, templates=templates)
+        with editing.applied(model, e):
+            _post(row, evaluation.measure(model, tok, task, fact, list(p["essence_texts"])))
+    except Exception as err:  # recorded, the sweep goes on
+        _fail(row, cfg, err)
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _edit_chunk(model, tok, chunk: list, tasks: list[Task], pre, layer: int, cfg: CellConfig, stats,
+                templates) -> list[dict]:
+    if len(chunk) == 1 or cfg.batch_size <= 1:
+        return [_edit_one(model, tok, f, t, pre, layer, cfg, stats, templates) for f, t in zip(chunk, tasks)]
+    from .editing import batched
+
+    t0 = time.perf_counter()
+    try:
+        edits = batched.edit_many(model, tok, [t.request for t in tasks], cfg.method, layer, cfg.hparams,
+                                  stats=stats, templates=templates, on_error="return")
+        ok = [not isinstance(e, Exception) for e in edits]
+        essences = [list(pre.loc[int(f["case_id"])]["essence_texts"]) for f in chunk]
+        ms = batched.measure_many(model, tok, [t for t, o in zip(tasks, ok) if o],
+                                  [f for f, o in zip(chunk, ok) if o], [e for e, o in zip(edits, ok) if o],
+                                  [x for x, o in zip(essences, ok) if o])
+    except Exception as err:  # the whole chunk failed: redo it one fact at a time to attribute the failure
+        log.warning("batched %s at layer %s failed (%s); redoing the chunk one fact at a time", cfg.method, layer, err)
+        return [_edit_one(model, tok, f, t, pre, layer, cfg, stats, templates) for f, t in zip(chunk, tasks)]
+    seconds = (time.perf_counter() - t0) / len(chunk)
+    rows, it = [], iter(ms)
+    for f, t, e, o in zip(chunk, tasks, edits, ok):
+        row = _base_row(f, t, pre.loc[int(f["case_id"])], layer, cfg, model)
+        try:
+            if not o:
+                raise e
+            _post(row, next(it))
+        except Exception as err:
+            _fail(row, cfg, err)
+        row["seconds"] = seconds
+        rows.append(row)
+    return rows
 
 
 _LIST_COLS = ["paraphrase_pre", "paraphrase_post", "neighborhood_pre", "neighborhood_post",
