@@ -38,7 +38,14 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	@for b in benchmarks/*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done
+	@echo "==> tracing speed: fast path vs one site at a time (default world model)"
+	OMP_NUM_THREADS=1 $(PY) benchmarks/tracing.py --facts 8 --windows 1,3,5,10
+	@echo "==> editing speed: batched vs one fact at a time"
+	OMP_NUM_THREADS=1 $(PY) benchmarks/editing.py --facts 16
+	@echo "==> editing quality bar (ROME/MEMIT/FT on Error Injection)"
+	OMP_NUM_THREADS=1 $(PY) benchmarks/edit_quality.py --facts 20 --layers 0,2,4,6 || true
+	@echo "==> per-stage times of the last run of each profile"
+	@for f in results/*/timings.json; do echo "$$f"; $(PY) -c "import json,sys; [print(f'  {r[\"stage\"]:40s} {r[\"status\"]:8s} {r[\"seconds\"]:8.1f} s') for r in json.load(open(sys.argv[1]))]" $$f; done
 
 clean-results:
 	rm -rf results book/executed book/_build

@@ -175,3 +175,16 @@ def test_every_page_renders_in_headless_chromium(standin_book, tmp_path):
                 assert target.exists(), f"{page.name}: missing figure {src}"
     tracing_page = (html / "executed" / "02_tracing.html").read_text()
     assert tracing_page.count("<img") >= 2, "the tracing chapter shows its figures"
+
+
+@pytest.mark.slow
+def test_smoke_world_stages_run(tmp_path, monkeypatch):
+    """The default path's first stages on the smoke world: train (or reuse) the world model, filter its facts."""
+    monkeypatch.setenv("HELPERS_CACHE", str(ROOT / ".cache"))
+    book = _copy_book(tmp_path)
+    report = pipeline.run("smoke", book_dir=book, root=ROOT, results_root=tmp_path / "results", only=["00_", "01_"])
+    assert [r["stage"] for r in report] == ["00_world", "01_data"]
+    facts = __import__("pandas").read_parquet(tmp_path / "results" / "smoke" / "facts.parquet")
+    assert len(facts) == pipeline.load_profile("smoke").n_records
+    assert facts["kept"].sum() == pipeline.load_profile("smoke").max_facts  # the model knows enough facts
+    assert facts["is_correct"].mean() > 0.3
