@@ -123,7 +123,7 @@ def standin_book(tmp_path_factory, model_dirs):
 def test_book_builds_with_glued_number(standin_book):
     tmp_path, report, html = standin_book
     names = [r["stage"] for r in report]
-    assert names[:2] == ["01_data", "02_tracing"] and "03_editing__ft1__ff" in names and names[-1] == "06_robustness"
+    assert names[:2] == ["01_data", "02_tracing"] and "03_editing__ft1__ff" in names and names[-1] == "07_explorer"
     edits = __import__("pandas").read_parquet(tmp_path / "results" / "standin" / "edits" / "rome__ff.parquet")
     assert len(edits) == 3 * 2 and (edits["status"] == "ok").all()
     for page in ["executed/02_tracing", "executed/03_editing__rome__ff", "executed/05_five_problems", "discussion"]:
