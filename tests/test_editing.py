@@ -389,17 +389,12 @@ def test_second_moments_refuse_inside_noise_hook(tiny):
 # ------------------------------------------------------------------------------------- smoke world model
 
 
-def test_methods_on_smoke_world_if_cached():
-    """On the smoke world (when already trained in the cache): every method raises p(target_new)."""
-    try:
-        from helpers.world import world_folder
-    except ImportError:
-        pytest.skip("helpers.world not available")
+def test_methods_on_smoke_world():
+    """On the smoke world (trained into the project cache if missing, ~20 s): every method raises p(target_new)."""
+    from helpers.world import ensure_world_model
+
     cache = os.environ.get("HELPERS_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
-    folder = world_folder("smoke", cache)
-    if not (folder / "world.json").exists():
-        pytest.skip("smoke world not trained yet")
-    _check_methods_raise(folder)
+    _check_methods_raise(ensure_world_model("smoke", cache))
 
 
 def _check_methods_raise(folder, case_index: int = 0) -> None:
