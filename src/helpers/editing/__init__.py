@@ -84,6 +84,21 @@ def edit_layers(model: nn.Module, method: str, central_layer: int, hparams: dict
     return window(central_layer, w, models.n_layers(model))
 
 
+def prepare(model: nn.Module, tok, method: str, central_layer: int, hparams, stats: SecondMoments | None,
+            templates: ContextTemplates | None):
+    """What every edit at ``central_layer`` needs before any noise hook: (hparams, edited layers, templates).
+    ROME/MEMIT statistics are precomputed here, outside the hook."""
+    hp = hparams_for(method, hparams)
+    layers = edit_layers(model, method, central_layer, hp)
+    if method in ("rome", "memit"):
+        if stats is None:
+            raise ValueError(f"{method} needs second-moment statistics (stats=SecondMoments(...))")
+        stats.precompute(layers)
+        if templates is None:
+            templates = context_templates(model, tok)
+    return hp, layers, templates
+
+
 def edit(
     model: nn.Module,
     tok,
@@ -101,14 +116,7 @@ def edit(
     the whole computation. The model's weights are unchanged on return. Raises :class:`EditError` on a bad
     request or a non-finite result.
     """
-    hp = hparams_for(method, hparams)
-    layers = edit_layers(model, method, central_layer, hp)
-    if method in ("rome", "memit"):
-        if stats is None:
-            raise ValueError(f"{method} needs second-moment statistics (stats=SecondMoments(...))")
-        stats.precompute(layers)  # outside the noise hook
-        if templates is None:
-            templates = context_templates(model, tok)
+    hp, layers, templates = prepare(model, tok, method, central_layer, hparams, stats, templates)
     t0 = time.perf_counter()
     code_range = subject_token_range(tok, request.template, request.subject)
     npos = NoisePositions(request.noise, code_range)

@@ -755,7 +755,7 @@ def edit_many(
     first :class:`EditError`, or "return" it in the failed fact's slot. ``info["seconds"]`` is the chunk's
     wall time divided by its size; ``info["batch_size"]`` the chunk size.
     """
-    from . import edit_layers, hparams_for  # the package's own resolution of hparams and windows
+    from . import prepare  # the package's own resolution of hparams, windows, statistics and templates
 
     if on_error not in ("raise", "return"):
         raise ValueError(f"on_error must be 'raise' or 'return', not {on_error!r}")
@@ -768,14 +768,7 @@ def edit_many(
             out += edit_many(model, tok, requests[i : i + chunk_size], method, central_layer, hparams, stats,
                              templates, None, on_error, exact)
         return out
-    hp = hparams_for(method, hparams)
-    layers = edit_layers(model, method, central_layer, hp)
-    if method in ("rome", "memit"):
-        if stats is None:
-            raise ValueError(f"{method} needs second-moment statistics (stats=SecondMoments(...))")
-        stats.precompute(layers)  # outside any noise hook
-        if templates is None:
-            templates = context_templates(model, tok)
+    hp, layers, templates = prepare(model, tok, method, central_layer, hparams, stats, templates)
     t0 = time.perf_counter()
     specs = [r.noise for r in requests]
     code = [subject_token_range(tok, r.template, r.subject) for r in requests]
