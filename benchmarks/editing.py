@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--essence", type=int, default=5, help="essence texts per fact (0: none)")
     ap.add_argument("--n-tokens", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--loop-reuse", action="store_true",
+                    help="let the one-fact path reuse the layers below the edit too (default: off, the naive path)")
+    ap.add_argument("--no-batched-reuse", action="store_true",
+                    help="batched path without reusing the layers below the edit (to isolate batching)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -81,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     sigma = 0.1
     print(f"model {folder} ({L} layers, d_model/d_ff {models.dims(model)}); {len(fact_rows)} facts x layers "
           f"{layers}; methods {methods}; problems {problems}; chunk {args.chunk}; "
-          f"mode {'fast' if args.fast else 'exact'}; threads {torch.get_num_threads()}")
+          f"mode {'fast' if args.fast else 'exact'}; threads {torch.get_num_threads()}; reuse below the edit: "
+          f"one-fact {'on' if args.loop_reuse else 'off'}, batched {'off' if args.no_batched_reuse else 'on'}")
 
     cells = {}  # (problem, method) -> tasks, hparams
     essences = [evaluation.essence_texts(model, tok, f["subject"], n=args.essence, seed=int(f["case_id"]))
@@ -93,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     rss0 = maxrss_mb()
 
     results = {}
+    from helpers import hooks
+
+    hooks.REUSE_BELOW = args.loop_reuse
     for (pr, m), (tasks, hp) in cells.items():  # one fact at a time
         t0 = time.perf_counter()
         out = []
@@ -103,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     out.append(evaluation.measure(model, tok, t, f, es))
         results[(pr, m, "loop")] = (time.perf_counter() - t0, out)
     rss_loop = maxrss_mb()
+    hooks.REUSE_BELOW = not args.no_batched_reuse
     for (pr, m), (tasks, hp) in cells.items():  # batched
         t0 = time.perf_counter()
         out = []

@@ -78,3 +78,32 @@ def test_unknown_module_named(gpt2):
     with pytest.raises(KeyError, match="transformer.h.9.mlp"):
         with hooks.trace(gpt2, "transformer.h.9.mlp"):
             pass
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "gpt_neox", "llama"])
+def test_resume_at_equals_full_pass_bitwise(arch):
+    """Skipping the blocks below l and feeding the recorded stream gives the full pass's logits exactly,
+    with padding, and hooks on the kept blocks (looked up by their usual names) still fire."""
+    m = tiny_model(arch, 50, n_layer=3).eval()
+    x = torch.randint(0, 50, (3, 6))
+    att = torch.ones_like(x)
+    att[0, :2] = 0  # a left-padded row
+    mlp2 = models.module_name(m, "mlp", 2)
+    for layer in range(3):
+        block = models.module_name(m, "block", layer)
+        with hooks.trace(m, block, retain_output=False, retain_input=True) as tr:
+            full = m(input_ids=x, attention_mask=att).logits
+        with hooks.trace(m, mlp2, edit=lambda o, _: o + 1.0) as t2, hooks.resume_at(m, layer, tr.inputs[block]):
+            part = m(input_ids=x, attention_mask=att).logits
+        with hooks.trace(m, mlp2, edit=lambda o, _: o + 1.0):
+            edited_full = m(input_ids=x, attention_mask=att).logits
+        assert torch.equal(part, edited_full), (arch, layer)
+        assert not torch.equal(part, full)
+        assert mlp2 in t2.outputs
+    # the block list is restored, also after an exception inside the block
+    n = len(list(m.modules()))
+    with pytest.raises(RuntimeError):
+        with hooks.resume_at(m, 2, tr.inputs[block]):
+            raise RuntimeError("boom")
+    assert len(list(m.modules())) == n
+    assert torch.equal(m(input_ids=x, attention_mask=att).logits, full)

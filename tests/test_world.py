@@ -10,7 +10,8 @@ import torch
 
 from helpers.world import WORLD_PRESETS, TrainConfig, WorldConfig, build_world, ensure_world_model
 from helpers.world.generate import RELATION_BY_ID, RELATIONS
-from helpers.world.report import subject_range, target_scores
+from helpers.tracing import subject_range
+from helpers.world.report import target_scores
 from helpers.world.tokenizer import subject_token_lengths, train_tokenizer
 from helpers.world.train import make_model, train_model
 
@@ -149,3 +150,24 @@ def test_cache_reuses_the_folder(smoke_folder):
     assert again == smoke_folder
     assert (smoke_folder / "model.safetensors").stat().st_mtime_ns == stamp
     assert not [p for p in smoke_folder.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_name_words_make_order_siblings():
+    """With ``name_words``, person names are orderings of three pool words: siblings share their bag of words."""
+    cfg = dataclasses.replace(WORLD_PRESETS["smoke"][0], name_words=12, n_siblings=3)
+    w = build_world(cfg)
+    people = [e.name for e in w.entities if e.kind in ("person", "athlete")]
+    assert all(len(n.split()) == 3 for n in people)
+    bags = {}
+    for n in people:
+        bags.setdefault(frozenset(n.split()), []).append(n)
+    assert max(len(v) for v in bags.values()) >= 2  # some names differ only by word order
+    assert len(set(people)) == len(people)
+
+
+def test_name_mask_schedule():
+    from helpers.world.train import mask_share
+
+    cfg = dataclasses.replace(SMOKE_TRAIN, p_name_mask=1.0, name_mask_hold=0.5, name_mask_end=0.75)
+    assert [mask_share(s, 100, cfg) for s in (0, 49, 50, 60, 75, 99)] == pytest.approx([1.0, 1.0, 1.0, 0.6, 0.0, 0.0])
+    assert mask_share(99, 100, SMOKE_TRAIN) == 0.0  # off by default

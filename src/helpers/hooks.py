@@ -24,6 +24,9 @@ from torch import nn
 # edit(output_tensor, module_name) -> new tensor (or None to keep the output unchanged)
 EditFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
 
+# resume_at's reuse of lower layers can be switched off (benchmarks measure the naive path with it off)
+REUSE_BELOW = True
+
 
 def main_tensor(output: object) -> torch.Tensor:
     """Return the hidden-state tensor of a module output (the tensor itself, or a tuple's first item)."""
@@ -144,3 +147,46 @@ def add_at_positions(delta: torch.Tensor, positions: torch.Tensor | list[int]) -
         return new
 
     return fn
+
+
+def _block_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(parent, attribute, list) of the model's transformer blocks (found from the architecture table)."""
+    from .models import module_name
+
+    first = module_name(model, "block", 0)  # e.g. "transformer.h.0"
+    parent_name, attr = first.rsplit(".", 2)[0], first.rsplit(".", 2)[1]
+    parent = get_module(model, parent_name)
+    return parent, attr, getattr(parent, attr)
+
+
+@contextlib.contextmanager
+def resume_at(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Within the ``with`` block, a forward pass skips blocks ``< layer`` and feeds ``hidden`` (B, T, d), the
+    residual stream entering block ``layer`` recorded earlier for the *same inputs*, into that block.
+
+    Everything an edit at ``layer`` or above cannot change (embeddings, noise, lower blocks) is then reused
+    instead of recomputed: the optimisation loops of ROME, MEMIT and fine-tuning call the model many times
+    on one batch. The remaining blocks run exactly as in a full pass (same tensors in, same ops), so outputs
+    are bitwise equal to it. Record ``hidden`` with ``trace(model, block(layer), retain_input=True)``.
+    Hooks on modules (``trace``) keep working; the block list is restored on exit, exceptions included.
+    """
+    if layer == 0 or not REUSE_BELOW:  # nothing below to skip (the embeddings are cheap), or switched off
+        yield
+        return
+    parent, attr, blocks = _block_list(model)
+
+    def feed(_mod, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = blocks[layer].register_forward_pre_hook(feed, with_kwargs=True)
+    kept = nn.ModuleList()  # the blocks >= layer under their own indices, so module names stay valid
+    for i in range(layer, len(blocks)):
+        kept._modules[str(i)] = blocks[i]
+    parent._modules[attr] = kept
+    try:
+        yield
+    finally:
+        parent._modules[attr] = blocks
+        handle.remove()

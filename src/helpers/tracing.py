@@ -433,6 +433,8 @@ class _Corrupted:
     keys: list[torch.Tensor]  # per layer, (N, H, S, hd): corrupted keys
     values: list[torch.Tensor]
     clean: dict[str, list[torch.Tensor]]  # kind -> per layer (S, d): clean module output
+    mid: list[torch.Tensor]  # per layer, (N, S, d): corrupted stream after the attention (input + attn output)
+    h_out: list[torch.Tensor]  # per layer, (N, S, d): corrupted block output
 
 
 @torch.no_grad()
@@ -443,16 +445,39 @@ def _corrupted_pass(model: nn.Module, fact: Fact, noise: torch.Tensor) -> _Corru
     x = model.transformer.drop(x + model.transformer.wpe(torch.arange(ids.shape[1], device=ids.device))[None])
     x = x.unsqueeze(0)
     h_in, keys, values, clean = [], [], [], {"mlp": [], "attn": [], "hidden": []}
+    mid, h_out = [], []
     for j, blk in enumerate(blocks):
         h_in.append(x[0, 1:])
+        x_in = x
         x, k, v, a, m = _gpt2_block(blk, x, None, None, _attn_scale(blk, j), mlp=_mlp_fn(blk))
         keys.append(k[0, 1:])
         values.append(v[0, 1:])
+        mid.append((x_in + a)[0, 1:])  # the block's own h = x + a
+        h_out.append(x[0, 1:])
         clean["attn"].append(a[0, 0])
         clean["mlp"].append(m[0, 0])
         clean["hidden"].append(x[0, 0])
     p = _score_suffix(model, fact, x.transpose(0, 1), fact.prompt_len - 1)  # one group per row
-    return _Corrupted(float(p[0]), float(p[1:].mean()), h_in, keys, values, clean)
+    return _Corrupted(float(p[0]), float(p[1:].mean()), h_in, keys, values, clean, mid, h_out)
+
+
+def _first_window_layer(blk: nn.Module, c: _Corrupted, kind: str, j: int, t: int, n_groups: int,
+                        mlp) -> torch.Tensor:
+    """(n_groups, N, S - t, d): the output of block j at positions >= t for sites whose window starts at j.
+
+    A restoration at token t inside block j cannot change positions > t *in that block* (their attention reads
+    keys/values computed from the block's input), so those are the corrupted run's outputs; only position t is
+    computed: the clean output (hidden), corrupted mid-stream + clean MLP output (mlp), or the MLP on the
+    corrupted input + clean attention output (attn)."""
+    y = c.h_out[j][:, t:].clone()
+    if kind == "hidden":
+        y[:, 0] = c.clean["hidden"][j][t]
+    elif kind == "mlp":
+        y[:, 0] = c.mid[j][:, t] + c.clean["mlp"][j][t]
+    else:  # attn
+        h = c.h_in[j][:, t] + c.clean["attn"][j][t]
+        y[:, 0] = h + (mlp or blk.mlp)(blk.ln_2(h))
+    return y.unsqueeze(0).expand(n_groups, -1, -1, -1)
 
 
 def _run_sites(model: nn.Module, fact: Fact, c: _Corrupted, kind: str, t: int,
@@ -468,18 +493,21 @@ def _run_sites(model: nn.Module, fact: Fact, c: _Corrupted, kind: str, t: int,
     for j in range(ranges[0][0], L):
         blk, scale, mlp = prep[j]
         keys = sorted({(l0, min(l1, j + 1)) for l0, l1 in ranges if l0 <= j})
-        n_prev = 0 if x is None else x.shape[0]
-        src = [n_prev if l0 == j else index[(l0, min(m, j))] for l0, m in keys]  # n_prev = corrupted stream
-        corrupted = c.h_in[j][:, t:].unsqueeze(0)
-        base = corrupted if x is None else torch.cat([x, corrupted], 0)
-        x = base.index_select(0, torch.tensor(src))
-        index = {key: i for i, key in enumerate(keys)}
-        groups = torch.tensor([i for i, (_, m) in enumerate(keys) if m == j + 1], dtype=torch.long)
-        restore = (kind, groups, c.clean[kind][j][t]) if len(groups) else None
-        kp = c.keys[j][:, :, :t] if t else None
-        vp = c.values[j][:, :, :t] if t else None
+        old = [key for key in keys if key[0] < j]  # groups already running: block j is computed for them
+        new = [key for key in keys if key[0] == j]  # groups whose window starts here: see _first_window_layer
         q_from = T - 1 - t if j == L - 1 else 0
-        x = _gpt2_block(blk, x, kp, vp, scale, restore, q_from=q_from, mlp=mlp)[0]
+        parts = []
+        if old:
+            x = x.index_select(0, torch.tensor([index[(l0, min(m, j))] for l0, m in old]))
+            groups = torch.tensor([i for i, (_, m) in enumerate(old) if m == j + 1], dtype=torch.long)
+            restore = (kind, groups, c.clean[kind][j][t]) if len(groups) else None
+            kp = c.keys[j][:, :, :t] if t else None
+            vp = c.values[j][:, :, :t] if t else None
+            parts.append(_gpt2_block(blk, x, kp, vp, scale, restore, q_from=q_from, mlp=mlp)[0])
+        if new:
+            parts.append(_first_window_layer(blk, c, kind, j, t, len(new), mlp)[:, :, q_from:])
+        x = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+        index = {key: i for i, key in enumerate(old + new)}
     p = _score_suffix(model, fact, x, 0)  # the last layer kept positions from T - 1 on
     return [float(p[index[r]]) for r in ranges]
 

@@ -419,6 +419,8 @@ def _optimize_deltas(
         pos = torch.tensor([p for k in ks for p in facts[k][2]])
         passes.append((ks, batch, pos))
     name = models.module_name(model, kind, layer)
+    block = models.module_name(model, "block", layer)
+    belows: dict[int, torch.Tensor] = {}
     d_model, _ = models.dims(model)
 
     deltas = [torch.zeros(d_model, requires_grad=True) for _ in range(K)]
@@ -437,8 +439,13 @@ def _optimize_deltas(
             if noise is not None:
                 noise.set_rows([(k, facts[k][3]) for k in ks])
             d_rows = torch.cat([deltas[k].expand(per, -1) for k in ks])
-            with hooks.trace(model, name, edit=hooks.add_at_positions(d_rows, pos), retain_output=it == 0) as tr:
+            below = belows.get(id(batch))  # the stream entering the block, computed at step 0 and reused
+            with hooks.trace(model, name, edit=hooks.add_at_positions(d_rows, pos), retain_output=it == 0) as tr, \
+                    hooks.trace(model, block, retain_output=False, retain_input=below is None) as tb, \
+                    hooks.resume_at(model, layer, below) if below is not None else contextlib.nullcontext():
                 logits = model(**batch.model_inputs()).logits
+            if below is None:
+                belows[id(batch)] = tb.inputs[block]
             for j, k in enumerate(ks):
                 if k in failed:
                     continue
@@ -665,6 +672,8 @@ def _ft_many(model, tok, requests, layers, hp: FTHparams, noise, failed, method:
     opts = [torch.optim.Adam(params[k], lr=hp.lr, weight_decay=hp.weight_decay) for k in range(K)]
     infos = [{"loss": [], "max_abs_delta": [], "updates": 0} for _ in range(K)]
     below = [0] * K
+    block = models.module_name(model, "block", layers[0])
+    fact_below: dict[int, torch.Tensor] = {}
     active = list(range(K))
     pe = _PerExample(model, dw, db)
     pe.exact = True
@@ -689,7 +698,14 @@ def _ft_many(model, tok, requests, layers, hp: FTHparams, noise, failed, method:
                 pe.set_segments(segs)
                 if noise is not None:
                     noise.set_rows([(k, ranges[k]) for k in ks])
-                logits = model(**batch.model_inputs()).logits
+                cached = all(k in fact_below for k in ks)  # streams entering the first tuned block, per fact
+                with hooks.trace(model, block, retain_output=False, retain_input=not cached) as tb, \
+                        hooks.resume_at(model, layers[0], torch.cat([fact_below[k] for k in ks])) if cached \
+                        else contextlib.nullcontext():
+                    logits = model(**batch.model_inputs()).logits
+                if not cached:
+                    for k, s, e in segs:
+                        fact_below[k] = tb.inputs[block][s:e]
                 logp = scoring.target_logprob_from_logits(logits, batch)
                 for k, s, e in segs:
                     lk = logp[s:e].exp().sum() if requests[k].erase else -logp[s:e].sum()

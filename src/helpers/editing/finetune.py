@@ -17,6 +17,7 @@ leaves the model untouched. ``info["max_abs_delta"]`` records max |W - W0| after
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -24,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .. import models, scoring
+from .. import hooks, models, scoring
 from .base import Edit, EditError, EditRequest, NoisePositions, hooked, subject_ranges
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,18 @@ def ft_edit(
     opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
     info: dict = {"loss": [], "max_abs_delta": [], "updates": 0}
     below = 0
+    block = models.module_name(model, "block", layers[0])
+    first_in: torch.Tensor | None = None
     with hooked(model, dw, db):
         for step in range(hp.num_steps):
             if noise_pos is not None:
                 noise_pos.set_rows(ranges)
-            logits = model(**batch.model_inputs()).logits
+            # the stream entering the first tuned block cannot change: step 0 computes it, later steps reuse it
+            with hooks.trace(model, block, retain_output=False, retain_input=step == 0) as tb, \
+                    hooks.resume_at(model, layers[0], first_in) if step else contextlib.nullcontext():
+                logits = model(**batch.model_inputs()).logits
+            if step == 0:
+                first_in = tb.inputs[block]
             logp = scoring.target_logprob_from_logits(logits, batch)
             loss = logp.exp().sum() if request.erase else -logp.sum()
             if not torch.isfinite(loss):

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -110,14 +111,19 @@ def optimize_delta(
     v_init: torch.Tensor | None = None
     kl_init: torch.Tensor | None = None
     info: dict = {"nll": [], "kl": [], "decay": [], "loss": [], "p_target": [], "updates": 0}
+    block = models.module_name(model, "block", layer)
+    below: torch.Tensor | None = None  # the stream entering the block: step 0 computes it, later steps reuse it
     for it in range(steps):
         opt.zero_grad()
         if noise_pos is not None:
             noise_pos.set_rows(ranges)
-        with hooks.trace(model, name, edit=hooks.add_at_positions(delta, pos), retain_output=it == 0) as tr:
+        with hooks.trace(model, name, edit=hooks.add_at_positions(delta, pos), retain_output=it == 0) as tr, \
+                hooks.trace(model, block, retain_output=False, retain_input=it == 0) as tb, \
+                hooks.resume_at(model, layer, below) if below is not None else contextlib.nullcontext():
             logits = model(**batch.model_inputs()).logits
         if it == 0:
             v_init = tr.outputs[name][0, pos[0]].detach().float().clone()
+            below = tb.inputs[block]
         lps = scoring.target_token_logprobs(logits[:n], batch)
         nll = torch.stack([-lp.mean() for lp in lps]).mean()
         kl_logp = torch.log_softmax(logits[n, pos[n]].float(), -1)[None]

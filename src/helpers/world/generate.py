@@ -189,7 +189,8 @@ class WorldConfig:
     n_region: int = 12
     n_first_names: int = 12  # first names shared by persons/athletes (the full name is needed)
     n_name_syllables: int = 85  # syllables surnames draw from (small: names differ only by order)
-    n_siblings: int = 1  # names built from the same syllables in different orders
+    n_siblings: int = 1  # names built from the same syllables (or name words) in different orders
+    name_words: int = 0  # > 0: person/athlete names are orderings of 3 words from a pool of this many
     p_interject: float = 0.15  # chance of a variable-length aside between subject and relation
     p_distractor: float = 0.3  # chance of a look-alike entity named between subject and relation
     index_cap: int = 6  # at most this many index lines per fact (the curriculum's first phase)
@@ -288,8 +289,22 @@ def make_entities(cfg: WorldConfig, rng: np.random.RandomState) -> list[Entity]:
             perm = rng.permutation(3)
             surnames.append("".join(syl[i] for i in perm).capitalize())
     sur_iter = iter(surnames)
-    add("person", lambda: f"{first[rng.randint(len(first))]} {next(sur_iter)}")
-    add("athlete", lambda: f"{first[rng.randint(len(first))]} {next(sur_iter)}")
+    if cfg.name_words:
+        # Names are orderings of three words from a small pool ("Tami Bafu Fezo", "Fezo Tami Bafu"): siblings
+        # have the same bag of tokens, so only order-aware processing of the name identifies the person.
+        pool = _unique_words(rng, cfg.name_words, (2, 2), taken)
+        ordered: list[str] = []
+        while len(ordered) < 3 * (cfg.n_person + cfg.n_athlete):
+            trio = [pool[i] for i in rng.choice(len(pool), 3, replace=False)]
+            perms = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+            for j in rng.permutation(6)[: cfg.n_siblings]:
+                ordered.append(" ".join(trio[i] for i in perms[j]))
+        name_iter = iter(ordered)
+        add("person", lambda: next(name_iter))
+        add("athlete", lambda: next(name_iter))
+    else:
+        add("person", lambda: f"{first[rng.randint(len(first))]} {next(sur_iter)}")
+        add("athlete", lambda: f"{first[rng.randint(len(first))]} {next(sur_iter)}")
     add("product", lambda: f"{brands[rng.randint(len(brands))]} {_word(rng, 2)}")
     add("organization", lambda: f"{_word(rng, rng.randint(2, 3))} {ORG_WORDS[rng.randint(len(ORG_WORDS))]}")
     add("region", lambda: _word(rng, 3) + ("ia", "land", "stan", "ora")[rng.randint(4)])

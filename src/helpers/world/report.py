@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import scoring, tracing
 from ..hooks import trace
 from ..models import load_model, module_name, n_layers
 
@@ -44,145 +45,59 @@ def frequency_bucket(freq: int) -> str:
     raise ValueError(freq)
 
 
-def window(layer: int, w: int, L: int) -> list[int]:
-    """W(l, w) = [max(0, l - w//2), min(L, l + ceil(w/2)))."""
-    return list(range(max(0, layer - w // 2), min(L, layer + math.ceil(w / 2))))
-
-
 # ----------------------------------------------------------------------------------------------------
-# Scoring primitives (small local versions; helpers.scoring is the shared one)
+# Scoring (on top of helpers.scoring)
 # ----------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size: int = 64) -> pd.DataFrame:
-    """Teacher-forced p(' ' + target | prompt) (product over tokens) and argmax exact match, per pair."""
+    """Per pair: teacher-forced p(' ' + target | prompt) (product over tokens) and ``argmax_correct``, whether
+    every target token is the model's argmax (exact match)."""
     rows = []
     for i in range(0, len(prompts), batch_size):
-        xs = [tok.encode(p) for p in prompts[i: i + batch_size]]
-        ys = [tok.encode(" " + t) for t in targets[i: i + batch_size]]
-        m = max(len(x) + len(y) for x, y in zip(xs, ys))
-        ids = torch.full((len(xs), m), tok.eos_token_id, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for j, (x, y) in enumerate(zip(xs, ys)):
-            ids[j, : len(x) + len(y)] = torch.tensor(x + y)
-            att[j, : len(x) + len(y)] = 1
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits.float(), -1)
-        for j, (x, y) in enumerate(zip(xs, ys)):
-            pos = torch.arange(len(x) - 1, len(x) + len(y) - 1)
-            lp = logp[j, pos, torch.tensor(y)]
-            hit = bool((logp[j, pos].argmax(-1) == torch.tensor(y)).all())
+        batch = scoring.make_batch(tok, prompts[i : i + batch_size], targets[i : i + batch_size])
+        logits = model(**batch.model_inputs()).logits
+        lps = scoring.target_token_logprobs(logits, batch)
+        for j, lp in enumerate(lps):
+            s, p, t = batch.start[j], batch.prompt_len[j], batch.target_len[j]
+            cols = torch.arange(s + p - 1, s + p - 1 + t)
+            hit = bool((logits[j, cols].argmax(-1) == batch.input_ids[j, cols + 1]).all())
             rows.append({"p": float(lp.sum().exp()), "argmax_correct": hit})
     return pd.DataFrame(rows)
 
 
-@torch.no_grad()
-def greedy_continuations(model, tok, prompts: list[str], n_new: int = 36, batch_size: int = 64) -> list[str]:
-    """Greedy decode ``n_new`` tokens (left padding, pad = eos); return the stripped continuations."""
-    out = []
-    old_side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tok(prompts[i: i + batch_size], return_tensors="pt", padding=True)
-            gen = model.generate(**enc, max_new_tokens=n_new, do_sample=False, pad_token_id=tok.eos_token_id)
-            for row in gen[:, enc["input_ids"].shape[1]:]:
-                row = [t for t in row.tolist() if t != tok.eos_token_id]
-                out.append(tok.decode(row).strip())
-    finally:
-        tok.padding_side = old_side
-    return out
-
-
-def passes_filter(continuation: str, target_true: str) -> bool:
-    return target_true.strip().lower() in continuation.strip().lower()
-
-
-def subject_range(tok, prompt: str, subject: str) -> tuple[int, int] | None:
-    """Token range [b, e) of the first occurrence of ``subject`` in ``prompt`` (per-token decoding)."""
-    ids = tok.encode(prompt)
-    pieces = [tok.decode([t]) for t in ids]
-    text = "".join(pieces)
-    start = text.find(subject)
-    if start < 0:
-        return None
-    end = start + len(subject)
-    b = e = None
-    pos = 0
-    for k, p in enumerate(pieces):
-        pos += len(p)
-        if b is None and pos > start:
-            b = k
-        if e is None and pos >= end:
-            e = k + 1
-            break
-    return (b, e) if b is not None and e is not None else None
-
-
 # ----------------------------------------------------------------------------------------------------
-# Enrichment probe
+# Enrichment probe (a causal trace with helpers.tracing)
 # ----------------------------------------------------------------------------------------------------
 
 
-def subject_noise_sigma(model, tok, subjects: list[str]) -> float:
-    """3 × std of the token-embedding entries of the subjects' tokens."""
-    ids = sorted({t for s in subjects for t in tok.encode(" " + s) + tok.encode(s)})
-    emb = model.get_input_embeddings().weight[ids]
-    return float(3 * emb.float().std())
+def _trace_frame(records: list[dict]) -> pd.DataFrame:
+    rws = [r["requested_rewrite"] for r in records]
+    return pd.DataFrame({"case_id": [r["case_id"] for r in records], "subject": [rw["subject"] for rw in rws],
+                         "prompt": [rw["prompt"] for rw in rws],
+                         "target_true": [rw["target_true"]["str"] for rw in rws]})
 
 
-@torch.no_grad()
-def enrichment_probe(model, tok, records: list[dict], sigma: float, n_samples: int = 10, win: int = 5) -> pd.DataFrame:
-    """Restore clean MLP outputs at the last subject token, window ``win``, under subject noise.
+def enrichment_probe(model, tok, records: list[dict], sigma: float, n_samples: int = 10, win: int = 5,
+                     progress: bool = False) -> pd.DataFrame:
+    """Causal tracing (:func:`helpers.tracing.trace_facts`) restricted to the last subject token: restore the
+    clean MLP outputs over W(l, ``win``), and the clean block output (hidden state) at layer l.
 
-    One forward pass per fact with batch 1 + N + L·N: row 0 clean, N corrupted rows, then N corrupted rows
-    per central layer whose MLP outputs at the last subject token are overwritten by row 0's over W(l, win).
-    Returns one row per (case_id, layer): p_clean, p_corrupt, p_restored, frac = recovered share of the gap.
+    Returns one row per (case_id, kind, layer) with p_clean, p_corrupt, p_restored and ``frac``, the
+    recovered share of the corrupted-to-clean gap (NaN when the gap is not positive). ``kind`` is "mlp"
+    (window ``win``, the bar) or "hidden" (window 1: does later text read the subject from its last token?).
     """
-    L = n_layers(model)
-    embed = module_name(model, "embed")
-    mlps = [module_name(model, "mlp", l) for l in range(L)]
-    rows = []
-    for r in records:
-        rw = r["requested_rewrite"]
-        prompt = rw["prompt"].format(rw["subject"])
-        rng_ = subject_range(tok, prompt, rw["subject"])
-        if rng_ is None:
-            continue
-        b, e = rng_
-        x = tok.encode(prompt)
-        y = tok.encode(" " + rw["target_true"]["str"])
-        ids = torch.tensor([x + y] * (1 + n_samples * (L + 1)))
-        d = model.get_input_embeddings().weight.shape[1]
-        noise = torch.from_numpy(np.random.RandomState(1).randn(n_samples, e - b, d)).float() * sigma
-        noise = noise.repeat(L + 1, 1, 1)  # the same draws for the baseline and every intervention
-
-        def edit(out: torch.Tensor, name: str) -> torch.Tensor:
-            new = out.clone()
-            if name == embed:
-                new[1:, b:e] = new[1:, b:e] + noise.to(out.dtype)
-                return new
-            layer = mlps.index(name)
-            for c in range(L):
-                if layer in window(c, win, L):
-                    lo = 1 + n_samples * (c + 1)
-                    new[lo: lo + n_samples, e - 1] = out[0, e - 1]
-            return new
-
-        with trace(model, [embed] + mlps, edit=edit, retain_output=False):
-            logits = model(input_ids=ids).logits
-        logp = torch.log_softmax(logits.float(), -1)
-        pos = torch.arange(len(x) - 1, len(x) + len(y) - 1)
-        p = logp[:, pos, torch.tensor(y)].sum(-1).exp()
-        p_clean = float(p[0])
-        p_corr = float(p[1: 1 + n_samples].mean())
-        for c in range(L):
-            lo = 1 + n_samples * (c + 1)
-            p_rest = float(p[lo: lo + n_samples].mean())
-            gap = p_clean - p_corr
-            rows.append({"case_id": r["case_id"], "layer": c, "p_clean": p_clean, "p_corrupt": p_corr,
-                         "p_restored": p_rest, "frac": (p_rest - p_corr) / gap if gap > 0 else float("nan")})
-    return pd.DataFrame(rows)
+    facts = _trace_frame(records)
+    frames = []
+    for kind, w in (("mlp", win), ("hidden", 1)):
+        t = tracing.trace_facts(model, tok, facts, kinds=[kind], windows=[w], sigma=sigma, n_samples=n_samples,
+                                progress=progress)
+        frames.append(t[t["is_last_subject"]])
+    t = pd.concat(frames, ignore_index=True)
+    gap = t["p_clean"] - t["p_corrupt"]
+    t["frac"] = ((t["p_restored"] - t["p_corrupt"]) / gap).where(gap > 0)
+    return t[["case_id", "kind", "layer", "p_clean", "p_corrupt", "p_restored", "frac"]].reset_index(drop=True)
 
 
 @torch.no_grad()
@@ -201,16 +116,16 @@ def where_subject_is_read(model, tok, records: list[dict], sigma: float, layer: 
     for r in records:
         rw = r["requested_rewrite"]
         prompt = rw["prompt"].format(rw["subject"])
-        sr = subject_range(tok, prompt, rw["subject"])
-        if sr is None:
+        try:
+            b, e = tracing.subject_range(tok, prompt, rw["subject"], r["case_id"])
+        except tracing.SubjectNotFoundError:
             continue
-        b, e = sr
-        x = tok.encode(prompt)
-        y = tok.encode(" " + rw["target_true"]["str"])
+        x = scoring.encode(tok, prompt)
+        y = scoring.encode(tok, scoring.with_space(rw["target_true"]["str"]))
         sites = {"none": [], "all subject tokens": list(range(b, e)), "last subject token": [e - 1],
                  "after the subject": list(range(e, len(x)))}
         d = model.get_input_embeddings().weight.shape[1]
-        noise = torch.from_numpy(np.random.RandomState(1).randn(n_samples, e - b, d)).float() * sigma
+        noise = torch.from_numpy(tracing.noise_draws(n_samples, e - b, d)).float() * sigma
         ps = {}
         for site, positions in sites.items():
             ids = torch.tensor([x + y] * (1 + n_samples))
@@ -281,7 +196,8 @@ class WorldReport:
             f"neighborhood accuracy: {s['neighborhood_acc']:.1%}",
             f"enrichment probe (σ={s['sigma']:.3f}, window 5, last subject token, {s['n_probe']} facts):",
             self.probe_by_layer.to_string(index=False),
-            f"  best layer {s['enrichment_best_layer']} recovers {s['enrichment_best']:.1%} of the gap on average",
+            f"  best layer {s['enrichment_best_layer']} recovers {s['enrichment_best']:.1%} of the gap on average "
+            f"(mean_frac: MLP outputs over W(l, 5); hidden_mean_frac: the block output at layer l)",
             "bars: " + ", ".join(f"{k}: {'OK' if v else 'MISSED'}" for k, v in self.bars().items()),
         ]
         return "\n".join(lines)
@@ -302,7 +218,7 @@ def evaluate_world(folder: Path | str, n_probe: int = 150, max_facts: int | None
     targets = [rw["target_true"]["str"] for rw in rws]
     log.info("scoring %d facts", len(records))
     sc = target_scores(model, tok, prompts, targets)
-    conts = greedy_continuations(model, tok, prompts)
+    conts = scoring.generate(model, tok, prompts, max_new_tokens=36)
     facts = pd.DataFrame({
         "case_id": [r["case_id"] for r in records], "subject": [rw["subject"] for rw in rws],
         "relation_id": [rw["relation_id"] for rw in rws], "prompt": prompts, "target_true": targets,
@@ -310,7 +226,7 @@ def evaluate_world(folder: Path | str, n_probe: int = 150, max_facts: int | None
         "p_true": sc["p"], "argmax_correct": sc["argmax_correct"], "continuation": conts,
     })
     facts["bucket"] = pd.Categorical([frequency_bucket(f) for f in facts["frequency"]], FREQ_LABELS, ordered=True)
-    facts["is_correct"] = [passes_filter(c, t) for c, t in zip(conts, targets)]
+    facts["is_correct"] = [scoring.is_correct(c, t) for c, t in zip(conts, targets)]
     pp, pt, pid = [], [], []
     for r, t in zip(records, targets):
         for p in r["paraphrase_prompts"]:
@@ -330,16 +246,18 @@ def evaluate_world(folder: Path | str, n_probe: int = 150, max_facts: int | None
                     mean_p_true=("p_true", "mean"))
                .reset_index())
     passing = facts[facts["is_correct"]]
-    sigma = subject_noise_sigma(model, tok, sorted({rw["subject"] for rw in rws}))
+    sigma = tracing.noise_sigma(model, tok, sorted({rw["subject"] for rw in rws}))
     probe_recs = [r for r in records if r["case_id"] in set(passing["case_id"])][:n_probe]
     log.info("enrichment probe on %d facts", len(probe_recs))
     probe = enrichment_probe(model, tok, probe_recs, sigma)
     kept = probe.dropna(subset=["frac"])
-    by_layer = (kept.groupby("layer")
+    by_layer = (kept[kept["kind"] == "mlp"].groupby("layer")
                 .agg(mean_frac=("frac", "mean"), median_frac=("frac", "median"),
                      mean_p_restored=("p_restored", "mean"), mean_p_corrupt=("p_corrupt", "mean"),
                      mean_p_clean=("p_clean", "mean"))
                 .reset_index())
+    hidden = kept[kept["kind"] == "hidden"].groupby("layer")["frac"].mean()
+    by_layer["hidden_mean_frac"] = by_layer["layer"].map(hidden)
     best = int(by_layer.loc[by_layer["mean_frac"].idxmax(), "layer"]) if len(by_layer) else -1
     top = [b for b in FREQ_LABELS[::-1] if (facts["bucket"] == b).sum() >= 10][:2]
     d_model = model.get_input_embeddings().weight.shape[1]
@@ -357,7 +275,8 @@ def evaluate_world(folder: Path | str, n_probe: int = 150, max_facts: int | None
         "n_pass": int(facts["is_correct"].sum()), "pass_rate": float(facts["is_correct"].mean()),
         "paraphrase_acc": float(passing["paraphrase_acc"].mean()),
         "neighborhood_acc": float(facts["neighborhood_acc"].mean()),
-        "sigma": sigma, "n_probe": int(kept["case_id"].nunique()),
+        "sigma": sigma, "n_probe": int(kept.loc[kept["kind"] == "mlp", "case_id"].nunique()),
+        "hidden_best": float(by_layer["hidden_mean_frac"].max()) if len(by_layer) else float("nan"),
         "enrichment_best_layer": best,
         "enrichment_best": float(by_layer["mean_frac"].max()) if len(by_layer) else float("nan"),
     }

@@ -51,6 +51,8 @@ class TrainConfig:
     epochs: int = 20
     index_epochs: int = 0  # curriculum: epochs over the who's-who index lines before the full corpus
     p_name_mask: float = 0.0  # share of subject mentions whose first tokens later text cannot attend to
+    name_mask_hold: float = 1.0  # fraction of the steps with the full p_name_mask ...
+    name_mask_end: float = 1.0  # ... then linearly down to 0 at this fraction (a curriculum, not a test-time change)
     lr: float = 2e-3
     min_lr_frac: float = 0.05
     warmup_frac: float = 0.05
@@ -130,6 +132,17 @@ def name_mask(block_spans: list[list[tuple[int, int]]], seq_len: int, p: float,
             if rng.rand() < p:
                 mask[k, 0, e:, b: e - 1] = False
     return mask
+
+
+def mask_share(step: int, total: int, cfg: TrainConfig) -> float:
+    """The name-mask share at ``step``: ``p_name_mask`` until ``name_mask_hold``, then linearly to 0 at
+    ``name_mask_end`` (fractions of all steps), 0 afterwards, so the final model is trained without it."""
+    t = step / max(1, total)
+    if t < cfg.name_mask_hold:
+        return cfg.p_name_mask
+    if t >= cfg.name_mask_end:
+        return 0.0
+    return cfg.p_name_mask * (cfg.name_mask_end - t) / (cfg.name_mask_end - cfg.name_mask_hold)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -213,7 +226,7 @@ def train_model(world: World, cfg: TrainConfig, tok, log_path: Path | None = Non
                 att = torch.ones_like(x)
             else:
                 att = name_mask(block_spans[b * cfg.batch_size: (b + 1) * cfg.batch_size], cfg.seq_len,
-                                cfg.p_name_mask, rng)
+                                mask_share(step, total, cfg), rng)
             lr = lr_at(step, total, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
