@@ -397,20 +397,26 @@ def test_methods_on_smoke_world():
     _check_methods_raise(ensure_world_model("smoke", cache))
 
 
-def _check_methods_raise(folder, case_index: int = 0) -> None:
+def _check_methods_raise(folder, n_cases: int = 4) -> None:
+    """Every method raises p(target_new) on the rewrite prompt for most of the first facts, and on average by
+    a clear margin (a fact the tiny model cannot be pushed on, p ~ 1e-6 before and after, may stay put)."""
     import json
 
     model, tok = models.load_model(folder)
-    rec = json.loads((folder / "counterfact.json").read_text())[case_index]
-    rw = rec["requested_rewrite"]
-    req = E.EditRequest(rw["prompt"], rw["subject"], rw["target_new"]["str"], case_id=rec["case_id"])
+    records = json.loads((folder / "counterfact.json").read_text())[:n_cases]
     stats = E.SecondMoments(model, tok, folder / "corpus.txt", n_tokens=4000, progress=False)
     templates = E.context_templates(model, tok)
-    p0 = float(scoring.target_probs(model, tok, [req.text], [req.target])[0])
     L = models.n_layers(model)
+    reqs = [E.EditRequest(r["requested_rewrite"]["prompt"], r["requested_rewrite"]["subject"],
+                          r["requested_rewrite"]["target_new"]["str"], case_id=r["case_id"]) for r in records]
+    p0 = [float(scoring.target_probs(model, tok, [q.text], [q.target])[0]) for q in reqs]
     for method in E.METHODS:
         hp = E.load_hparams("world", method, "error_injection")
-        e = E.edit(model, tok, req, method, max(0, L // 2 - 2), hp, stats=stats, templates=templates)
-        with E.applied(model, e):
-            p1 = float(scoring.target_probs(model, tok, [req.text], [req.target])[0])
-        assert p1 > p0, (method, p0, p1)
+        p1 = []
+        for q in reqs:
+            e = E.edit(model, tok, q, method, max(0, L // 2 - 2), hp, stats=stats, templates=templates)
+            with E.applied(model, e):
+                p1.append(float(scoring.target_probs(model, tok, [q.text], [q.target])[0]))
+        raised = sum(b > a for a, b in zip(p0, p1))
+        assert raised >= n_cases - 1, (method, p0, p1)
+        assert sum(p1) / n_cases > sum(p0) / n_cases + 0.05, (method, p0, p1)

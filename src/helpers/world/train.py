@@ -53,6 +53,7 @@ class TrainConfig:
     p_name_mask: float = 0.0  # share of subject mentions whose first tokens later text cannot attend to
     name_mask_hold: float = 1.0  # fraction of the steps with the full p_name_mask ...
     name_mask_end: float = 1.0  # ... then linearly down to 0 at this fraction (a curriculum, not a test-time change)
+    name_attn_penalty: float = 0.0  # weight of the auxiliary loss on attention from later text to a name's non-last tokens
     lr: float = 2e-3
     min_lr_frac: float = 0.05
     warmup_frac: float = 0.05
@@ -73,6 +74,8 @@ def make_model(cfg: TrainConfig, tok) -> "torch.nn.Module":
         n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
     )
+    if cfg.name_attn_penalty > 0:
+        gcfg._attn_implementation = "eager"  # the penalty needs the attention weights
     torch.manual_seed(cfg.seed)
     return GPT2LMHeadModel(gcfg)
 
@@ -134,6 +137,26 @@ def name_mask(block_spans: list[list[tuple[int, int]]], seq_len: int, p: float,
     return mask
 
 
+def name_key_mask(block_spans: list[list[tuple[int, int]]], seq_len: int) -> torch.Tensor:
+    """(batch, 1, T, T) float: 1 where a query position after a name mention meets a key among the mention's
+    tokens before its last one (what :func:`attention_penalty` discourages)."""
+    m = torch.zeros(len(block_spans), 1, seq_len, seq_len)
+    for k, spans in enumerate(block_spans):
+        for b, e in spans:
+            m[k, 0, e:, b: e - 1] = 1.0
+    return m
+
+
+def attention_penalty(attentions: tuple[torch.Tensor, ...], key_mask: torch.Tensor) -> torch.Tensor:
+    """Mean attention mass, over layers, heads and the query positions concerned, that text after a name
+    puts on the name's non-last tokens. attentions: per layer (B, H, T, T); key_mask from name_key_mask."""
+    rows = key_mask.amax(-1)  # (B, 1, T): query positions with any penalised key
+    n = rows.sum() * attentions[0].shape[1] * len(attentions)
+    if n == 0:
+        return torch.zeros(())
+    return sum((a * key_mask).sum() for a in attentions) / n
+
+
 def mask_share(step: int, total: int, cfg: TrainConfig) -> float:
     """The name-mask share at ``step``: ``p_name_mask`` until ``name_mask_hold``, then linearly to 0 at
     ``name_mask_end`` (fractions of all steps), 0 afterwards, so the final model is trained without it."""
@@ -191,7 +214,7 @@ def train_model(world: World, cfg: TrainConfig, tok, log_path: Path | None = Non
     docs_ids = [tok.encode(d) for d in world.corpus] + index_ids
     rng = np.random.RandomState(cfg.seed)
     spans = index_spans = None
-    if cfg.p_name_mask > 0:
+    if cfg.p_name_mask > 0 or cfg.name_attn_penalty > 0:
         names = [e.name for e in world.entities]
         spans = subject_spans(tok, world.corpus + world.index_corpus, names)
         index_spans = spans[len(world.corpus):]
@@ -222,23 +245,28 @@ def train_model(world: World, cfg: TrainConfig, tok, log_path: Path | None = Non
             blocks, block_spans = pack(ids, eos, cfg.seq_len, rng, sp)
         for b in range(steps_per_epoch):
             x = blocks[b * cfg.batch_size: (b + 1) * cfg.batch_size]
-            if block_spans is None:
+            bs = None if block_spans is None else block_spans[b * cfg.batch_size: (b + 1) * cfg.batch_size]
+            if bs is None or cfg.p_name_mask == 0:
                 att = torch.ones_like(x)
             else:
-                att = name_mask(block_spans[b * cfg.batch_size: (b + 1) * cfg.batch_size], cfg.seq_len,
-                                mask_share(step, total, cfg), rng)
+                att = name_mask(bs, cfg.seq_len, mask_share(step, total, cfg), rng)
             lr = lr_at(step, total, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            logits = model(input_ids=x, attention_mask=att).logits[:, :-1]
+            out = model(input_ids=x, attention_mask=att, output_attentions=cfg.name_attn_penalty > 0)
+            logits = out.logits[:, :-1]
             y = x[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            pen = torch.full((), float("nan"))
+            if cfg.name_attn_penalty > 0 and bs is not None:
+                pen = attention_penalty(out.attentions, name_key_mask(bs, cfg.seq_len))
+                loss = loss + cfg.name_attn_penalty * pen
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             n_tokens += x.numel()
-            row = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
+            row = {"step": step, "epoch": epoch, "loss": loss.item(), "name_attn": float(pen.detach()), "lr": lr,
                    "token_acc": (logits.detach().argmax(-1) == y).float().mean().item(),
                    "tokens": n_tokens, "seconds": round(time.time() - t0, 2), "fact_acc": float("nan")}
             if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
