@@ -281,3 +281,27 @@ def test_batched_noise_draws_equal_input_noise(tiny):
     for x in ref:
         assert torch.equal(got[r0 : r0 + x.shape[0], : x.shape[1]], x)
         r0 += x.shape[0]
+
+
+@pytest.mark.parametrize("method", E.METHODS)
+def test_reusing_lower_layers_changes_nothing(tiny, method, monkeypatch):
+    """Reusing the stream below the edited layer (hooks.resume_at) gives bitwise the edits of full passes, for
+    clean requests and for Fact Forcing, whose input noise is drawn afresh on every pass (so the optimisation
+    must not reuse the first pass's noised stream), one fact at a time and batched."""
+    from helpers import hooks
+
+    reqs = _requests()
+
+    def run():
+        one = [E.edit(tiny.model, tiny.tok, r, method, 1, HP[method], stats=tiny.stats, templates=tiny.templates)
+               for r in reqs]
+        many = BT.edit_many(tiny.model, tiny.tok, reqs, method, 1, HP[method], stats=tiny.stats,
+                            templates=tiny.templates)
+        return one + many
+
+    with_reuse = run()
+    monkeypatch.setattr(hooks, "REUSE_BELOW", False)
+    without = run()
+    for a, b in zip(with_reuse, without):
+        for l in b.deltas:
+            assert torch.equal(a.deltas[l], b.deltas[l]), (method, l, _rel(a.deltas[l], b.deltas[l]))

@@ -182,6 +182,11 @@ class _NoiseRows:
         return new
 
 
+def _noised(noise: "_NoiseRows | None", ks: Sequence[int]) -> bool:
+    """True if any of the facts ``ks`` has input noise, drawn afresh on every pass (so nothing can be reused)."""
+    return noise is not None and any(noise.gens[k] is not None for k in ks)
+
+
 @contextlib.contextmanager
 def batched_noise(
     model: nn.Module,
@@ -439,12 +444,14 @@ def _optimize_deltas(
             if noise is not None:
                 noise.set_rows([(k, facts[k][3]) for k in ks])
             d_rows = torch.cat([deltas[k].expand(per, -1) for k in ks])
-            below = belows.get(id(batch))  # the stream entering the block, computed at step 0 and reused
+            # the stream entering the block, computed at step 0 and reused (not under fresh input noise)
+            reuse = not _noised(noise, ks)
+            below = belows.get(id(batch)) if reuse else None
             with hooks.trace(model, name, edit=hooks.add_at_positions(d_rows, pos), retain_output=it == 0) as tr, \
-                    hooks.trace(model, block, retain_output=False, retain_input=below is None) as tb, \
+                    hooks.trace(model, block, retain_output=False, retain_input=reuse and below is None) as tb, \
                     hooks.resume_at(model, layer, below) if below is not None else contextlib.nullcontext():
                 logits = model(**batch.model_inputs()).logits
-            if below is None:
+            if reuse and below is None:
                 belows[id(batch)] = tb.inputs[block]
             for j, k in enumerate(ks):
                 if k in failed:
@@ -698,12 +705,14 @@ def _ft_many(model, tok, requests, layers, hp: FTHparams, noise, failed, method:
                 pe.set_segments(segs)
                 if noise is not None:
                     noise.set_rows([(k, ranges[k]) for k in ks])
-                cached = all(k in fact_below for k in ks)  # streams entering the first tuned block, per fact
-                with hooks.trace(model, block, retain_output=False, retain_input=not cached) as tb, \
+                # streams entering the first tuned block, per fact (not under fresh input noise)
+                reuse = not _noised(noise, ks)
+                cached = reuse and all(k in fact_below for k in ks)
+                with hooks.trace(model, block, retain_output=False, retain_input=reuse and not cached) as tb, \
                         hooks.resume_at(model, layers[0], torch.cat([fact_below[k] for k in ks])) if cached \
                         else contextlib.nullcontext():
                     logits = model(**batch.model_inputs()).logits
-                if not cached:
+                if reuse and not cached:
                     for k, s, e in segs:
                         fact_below[k] = tb.inputs[block][s:e]
                 logp = scoring.target_logprob_from_logits(logits, batch)

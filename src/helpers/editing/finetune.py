@@ -75,15 +75,17 @@ def ft_edit(
     below = 0
     block = models.module_name(model, "block", layers[0])
     first_in: torch.Tensor | None = None
+    reuse = request.noise is None or request.noise.sigma == 0
     with hooked(model, dw, db):
         for step in range(hp.num_steps):
             if noise_pos is not None:
                 noise_pos.set_rows(ranges)
             # the stream entering the first tuned block cannot change: step 0 computes it, later steps reuse it
-            with hooks.trace(model, block, retain_output=False, retain_input=step == 0) as tb, \
-                    hooks.resume_at(model, layers[0], first_in) if step else contextlib.nullcontext():
+            # (unless input noise is active: Fact Forcing draws fresh noise on every pass)
+            with hooks.trace(model, block, retain_output=False, retain_input=step == 0 and reuse) as tb, \
+                    hooks.resume_at(model, layers[0], first_in) if first_in is not None else contextlib.nullcontext():
                 logits = model(**batch.model_inputs()).logits
-            if step == 0:
+            if step == 0 and reuse:
                 first_in = tb.inputs[block]
             logp = scoring.target_logprob_from_logits(logits, batch)
             loss = logp.exp().sum() if request.erase else -logp.sum()
