@@ -292,13 +292,20 @@ def make_entities(cfg: WorldConfig, rng: np.random.RandomState) -> list[Entity]:
     if cfg.name_words:
         # Names are orderings of three words from a small pool ("Tami Bafu Fezo", "Fezo Tami Bafu"): siblings
         # have the same bag of tokens, so only order-aware processing of the name identifies the person.
+        need = cfg.n_person + cfg.n_athlete
+        if cfg.name_words < 3 or cfg.name_words * (cfg.name_words - 1) * (cfg.name_words - 2) < need:
+            raise ValueError(f"name_words={cfg.name_words} cannot name {need} people (need >= 3 and enough orderings)")
         pool = _unique_words(rng, cfg.name_words, (2, 2), taken)
         ordered: list[str] = []
-        while len(ordered) < 3 * (cfg.n_person + cfg.n_athlete):
+        seen: set[str] = set()
+        perms = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+        while len(ordered) < need:  # unique names only, so ``add`` never runs out
             trio = [pool[i] for i in rng.choice(len(pool), 3, replace=False)]
-            perms = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
             for j in rng.permutation(6)[: cfg.n_siblings]:
-                ordered.append(" ".join(trio[i] for i in perms[j]))
+                name = " ".join(trio[i] for i in perms[j])
+                if name not in seen:
+                    seen.add(name)
+                    ordered.append(name)
         name_iter = iter(ordered)
         add("person", lambda: next(name_iter))
         add("athlete", lambda: next(name_iter))
