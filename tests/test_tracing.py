@@ -399,3 +399,22 @@ def test_tracing_figures(tok, model32):
     assert len(figs[3].axes) == 2
     with pytest.raises(ValueError, match="case_id=99"):
         plots.trace_heatmap(table, 99)
+
+
+def test_last_subject_only_equals_the_full_table_rows():
+    """tokens="last_subject" gives exactly the last-subject rows of the full table (both paths), and only them."""
+    from conftest import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("gpt2", len(tok), n_layer=3).eval()
+    for method in ("fast", "reference"):
+        full = tr.trace_fact(model, tok, "The mother tongue of {} is", "Danielle Darrieux", "French",
+                                  kinds=("mlp", "hidden"), windows=(1, 3), sigma=0.5, case_id=7, method=method)
+        last = tr.trace_fact(model, tok, "The mother tongue of {} is", "Danielle Darrieux", "French",
+                                  kinds=("mlp", "hidden"), windows=(1, 3), sigma=0.5, case_id=7, method=method,
+                                  tokens="last_subject")
+        assert last["is_last_subject"].all() and len(last) == 2 * 2 * 3
+        want = full[full["is_last_subject"]].reset_index(drop=True)
+        pd.testing.assert_frame_equal(last.reset_index(drop=True), want)
+    with pytest.raises(ValueError):
+        tr.trace_fact(model, tok, "The mother tongue of {} is", "Danielle Darrieux", "French", tokens="first")

@@ -288,11 +288,12 @@ def clean_prob(model: nn.Module, fact: Fact) -> float:
     return float(_probs(model, fact.batch)[0])
 
 
-def _site_list(fact: Fact, windows: Sequence[int], L: int) -> list[tuple[int, int, int, int, int]]:
-    """(t, window, layer, l0, l1) for every traced site: t in [b, T), every layer, every window."""
+def _site_list(fact: Fact, windows: Sequence[int], L: int,
+               tokens: Sequence[int] | None = None) -> list[tuple[int, int, int, int, int]]:
+    """(t, window, layer, l0, l1) for every traced site: t in [b, T) (or in ``tokens``), every layer and window."""
     return [
         (t, w, l, r.start, r.stop)
-        for t in range(fact.b, fact.prompt_len)
+        for t in (range(fact.b, fact.prompt_len) if tokens is None else tokens)
         for w in windows
         for l in range(L)
         for r in [window_layers(l, w, L)]
@@ -310,14 +311,15 @@ class TraceArrays:
 
 @torch.no_grad()
 def reference_trace(
-    model: nn.Module, fact: Fact, kind: str, windows: Sequence[int], noise: torch.Tensor, progress: bool = False
+    model: nn.Module, fact: Fact, kind: str, windows: Sequence[int], noise: torch.Tensor, progress: bool = False,
+    tokens: Sequence[int] | None = None,
 ) -> TraceArrays:
     """The ground truth: one forward pass of N + 1 rows per (t, layer, window) site, as in the published code."""
     L = n_layers(model)
     p_clean = clean_prob(model, fact)
     _, p_corrupt = reference_run(model, fact, noise)
     out = {w: np.full((fact.prompt_len, L), p_corrupt) for w in windows}
-    sites = _site_list(fact, windows, L)
+    sites = _site_list(fact, windows, L, tokens)
     if progress:
         from tqdm.auto import tqdm
 
@@ -521,6 +523,7 @@ def fast_trace(
     noise: torch.Tensor,
     max_rows: int = 4096,
     progress: bool = False,
+    tokens: Sequence[int] | None = None,
 ) -> TraceArrays:
     """Exact causal tracing for GPT-2 that recomputes only what a restoration can change.
 
@@ -537,7 +540,7 @@ def fast_trace(
     prep = [(blk, _attn_scale(blk, j), _mlp_fn(blk)) for j, blk in enumerate(model.transformer.h)]
     c = _corrupted_pass(model, fact, noise)
     N, S = noise.shape[0], fact.ids.shape[0]
-    sites = _site_list(fact, windows, L)
+    sites = _site_list(fact, windows, L, tokens)
     by_t: dict[int, list[tuple[int, int]]] = {}
     for t, l0, l1 in sorted({(t, l0, l1) for t, _, _, l0, l1 in sites}):
         by_t.setdefault(t, []).append((l0, l1))
@@ -648,8 +651,11 @@ def trace_fact(
     method: str = "auto",
     max_rows: int = 4096,
     progress: bool = False,
+    tokens: str = "all",
 ) -> pd.DataFrame:
     """Long table (columns :data:`TABLE_COLUMNS`) for one fact: every prompt token × layer, per kind and window.
+
+    ``tokens="last_subject"`` restores only at the last subject token (and the table has only its rows).
 
     ``kinds`` ⊆ {"mlp", "attn", "hidden", "zero"}; "zero" runs representation zeroing (one row per layer at the
     last subject token, p_corrupt = p_clean, p_restored = p_zeroed, sigma = 0). ``sigma`` defaults to the paper's
@@ -667,7 +673,10 @@ def trace_fact(
     noise = _noise_tensor(model, fact, sigma, n_samples, seed)  # float64, summed in float64
     how = resolve_method(model, method)
     frames = []
-    all_tokens = range(fact.prompt_len)
+    if tokens not in ("all", "last_subject"):
+        raise ValueError("tokens must be 'all' or 'last_subject'")
+    sites = None if tokens == "all" else [fact.e - 1]
+    all_tokens = range(fact.prompt_len) if sites is None else sites
     for kind in kinds:
         if kind == "zero":
             for w in windows:
@@ -675,12 +684,13 @@ def trace_fact(
                 frames.append(_rows(fact, "zero", w, L, p_clean, p_clean, p_zero[None], 0.0, 0, [fact.e - 1]))
             continue
         if how == "fast":
-            res = fast_trace(model, fact, kind, windows, noise, max_rows=max_rows, progress=progress)
+            res = fast_trace(model, fact, kind, windows, noise, max_rows=max_rows, progress=progress, tokens=sites)
         else:
-            res = reference_trace(model, fact, kind, windows, noise, progress=progress)
+            res = reference_trace(model, fact, kind, windows, noise, progress=progress, tokens=sites)
         for w in windows:
             frames.append(
-                _rows(fact, kind, w, L, res.p_clean, res.p_corrupt, res.p_restored[w], sigma, n_samples, all_tokens)
+                _rows(fact, kind, w, L, res.p_clean, res.p_corrupt, res.p_restored[w][list(all_tokens)], sigma,
+                      n_samples, all_tokens)
             )
     return pd.concat(frames, ignore_index=True)[TABLE_COLUMNS]
 
@@ -698,6 +708,7 @@ def trace_facts(
     on_missing: str = "skip",
     max_rows: int = 4096,
     progress: bool = True,
+    tokens: str = "all",
 ) -> pd.DataFrame:
     """Trace every fact of ``facts`` (columns case_id, subject, prompt (template with ``{}`` or full text),
     target_true) and return the long table (:data:`TABLE_COLUMNS`).
@@ -718,7 +729,7 @@ def trace_facts(
         try:
             frames.append(
                 trace_fact(model, tok, r.prompt, r.subject, r.target_true, kinds, windows, sigma, r.case_id,
-                           n_samples, seed, method, max_rows)
+                           n_samples, seed, method, max_rows, tokens=tokens)
             )
         except SubjectNotFoundError as err:
             if on_missing == "raise":

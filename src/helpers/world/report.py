@@ -92,7 +92,7 @@ def enrichment_probe(model, tok, records: list[dict], sigma: float, n_samples: i
     frames = []
     for kind, w in (("mlp", win), ("hidden", 1)):
         t = tracing.trace_facts(model, tok, facts, kinds=[kind], windows=[w], sigma=sigma, n_samples=n_samples,
-                                progress=progress)
+                                progress=progress, tokens="last_subject")
         frames.append(t[t["is_last_subject"]])
     t = pd.concat(frames, ignore_index=True)
     gap = t["p_clean"] - t["p_corrupt"]
