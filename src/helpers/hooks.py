@@ -174,6 +174,8 @@ def resume_at(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[No
         yield
         return
     parent, attr, blocks = _block_list(model)
+    if type(blocks) is not nn.ModuleList or list(blocks._modules) != [str(i) for i in range(len(blocks))]:
+        raise RuntimeError(f"resume_at needs the model's full block list (nested resume_at?), got {type(blocks).__name__}")
 
     def feed(_mod, args, kwargs):
         if args and isinstance(args[0], torch.Tensor):
