@@ -192,3 +192,31 @@ def resume_at(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[No
     finally:
         parent._modules[attr] = blocks
         handle.remove()
+
+
+
+@dataclass
+class Replay:
+    """What a :func:`reuse_below` pass recorded: ``stream`` is the input of block ``layer`` (None if the pass
+    replayed an earlier stream or did not record)."""
+
+    block: str
+    trace: Trace
+
+    @property
+    def stream(self) -> torch.Tensor | None:
+        return self.trace.inputs.get(self.block)
+
+
+@contextlib.contextmanager
+def reuse_below(model: nn.Module, layer: int, below: torch.Tensor | None, record: bool = True) -> Iterator[Replay]:
+    """One forward pass of an optimisation loop that either replays ``below`` (the stream entering block
+    ``layer`` recorded by an earlier pass on the same inputs; see :func:`resume_at`) or, when ``below`` is None
+    and ``record``, records it into the yielded :class:`Replay`. Pass ``record=False`` when the stream changes
+    between passes (fresh input noise): then every pass is a full one."""
+    from .models import module_name
+
+    block = module_name(model, "block", layer)
+    with trace(model, block, retain_output=False, retain_input=record and below is None) as tr, \
+            resume_at(model, layer, below) if below is not None else contextlib.nullcontext():
+        yield Replay(block, tr)

@@ -424,7 +424,6 @@ def _optimize_deltas(
         pos = torch.tensor([p for k in ks for p in facts[k][2]])
         passes.append((ks, batch, pos))
     name = models.module_name(model, kind, layer)
-    block = models.module_name(model, "block", layer)
     belows: dict[int, torch.Tensor] = {}
     d_model, _ = models.dims(model)
 
@@ -448,11 +447,10 @@ def _optimize_deltas(
             reuse = not _noised(noise, ks)
             below = belows.get(id(batch)) if reuse else None
             with hooks.trace(model, name, edit=hooks.add_at_positions(d_rows, pos), retain_output=it == 0) as tr, \
-                    hooks.trace(model, block, retain_output=False, retain_input=reuse and below is None) as tb, \
-                    hooks.resume_at(model, layer, below) if below is not None else contextlib.nullcontext():
+                    hooks.reuse_below(model, layer, below, record=reuse) as rb:
                 logits = model(**batch.model_inputs()).logits
-            if reuse and below is None:
-                belows[id(batch)] = tb.inputs[block]
+            if rb.stream is not None:
+                belows[id(batch)] = rb.stream
             for j, k in enumerate(ks):
                 if k in failed:
                     continue
@@ -679,7 +677,6 @@ def _ft_many(model, tok, requests, layers, hp: FTHparams, noise, failed, method:
     opts = [torch.optim.Adam(params[k], lr=hp.lr, weight_decay=hp.weight_decay) for k in range(K)]
     infos = [{"loss": [], "max_abs_delta": [], "updates": 0} for _ in range(K)]
     below = [0] * K
-    block = models.module_name(model, "block", layers[0])
     fact_below: dict[int, torch.Tensor] = {}
     active = list(range(K))
     pe = _PerExample(model, dw, db)
@@ -708,13 +705,12 @@ def _ft_many(model, tok, requests, layers, hp: FTHparams, noise, failed, method:
                 # streams entering the first tuned block, per fact (not under fresh input noise)
                 reuse = not _noised(noise, ks)
                 cached = reuse and all(k in fact_below for k in ks)
-                with hooks.trace(model, block, retain_output=False, retain_input=reuse and not cached) as tb, \
-                        hooks.resume_at(model, layers[0], torch.cat([fact_below[k] for k in ks])) if cached \
-                        else contextlib.nullcontext():
+                stream_in = torch.cat([fact_below[k] for k in ks]) if cached else None
+                with hooks.reuse_below(model, layers[0], stream_in, record=reuse) as rb:
                     logits = model(**batch.model_inputs()).logits
-                if reuse and not cached:
+                if rb.stream is not None:
                     for k, s, e in segs:
-                        fact_below[k] = tb.inputs[block][s:e]
+                        fact_below[k] = rb.stream[s:e]
                 logp = scoring.target_logprob_from_logits(logits, batch)
                 for k, s, e in segs:
                     lk = logp[s:e].exp().sum() if requests[k].erase else -logp[s:e].sum()

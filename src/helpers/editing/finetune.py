@@ -17,7 +17,6 @@ leaves the model untouched. ``info["max_abs_delta"]`` records max |W - W0| after
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -73,7 +72,6 @@ def ft_edit(
     opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
     info: dict = {"loss": [], "max_abs_delta": [], "updates": 0}
     below = 0
-    block = models.module_name(model, "block", layers[0])
     first_in: torch.Tensor | None = None
     reuse = request.noise is None or request.noise.sigma == 0
     with hooked(model, dw, db):
@@ -82,11 +80,10 @@ def ft_edit(
                 noise_pos.set_rows(ranges)
             # the stream entering the first tuned block cannot change: step 0 computes it, later steps reuse it
             # (unless input noise is active: Fact Forcing draws fresh noise on every pass)
-            with hooks.trace(model, block, retain_output=False, retain_input=step == 0 and reuse) as tb, \
-                    hooks.resume_at(model, layers[0], first_in) if first_in is not None else contextlib.nullcontext():
+            with hooks.reuse_below(model, layers[0], first_in, record=reuse) as rb:
                 logits = model(**batch.model_inputs()).logits
-            if step == 0 and reuse:
-                first_in = tb.inputs[block]
+            if step == 0:
+                first_in = rb.stream
             logp = scoring.target_logprob_from_logits(logits, batch)
             loss = logp.exp().sum() if request.erase else -logp.sum()
             if not torch.isfinite(loss):

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -111,7 +110,6 @@ def optimize_delta(
     v_init: torch.Tensor | None = None
     kl_init: torch.Tensor | None = None
     info: dict = {"nll": [], "kl": [], "decay": [], "loss": [], "p_target": [], "updates": 0}
-    block = models.module_name(model, "block", layer)
     # the stream entering the block: step 0 computes it, later steps reuse it -- unless input noise is active,
     # which is drawn afresh on every pass (Fact Forcing), so the stream changes from step to step
     reuse = noise_pos is None or noise_pos.spec is None or noise_pos.spec.sigma == 0
@@ -121,12 +119,11 @@ def optimize_delta(
         if noise_pos is not None:
             noise_pos.set_rows(ranges)
         with hooks.trace(model, name, edit=hooks.add_at_positions(delta, pos), retain_output=it == 0) as tr, \
-                hooks.trace(model, block, retain_output=False, retain_input=it == 0 and reuse) as tb, \
-                hooks.resume_at(model, layer, below) if below is not None else contextlib.nullcontext():
+                hooks.reuse_below(model, layer, below, record=reuse) as rb:
             logits = model(**batch.model_inputs()).logits
         if it == 0:
             v_init = tr.outputs[name][0, pos[0]].detach().float().clone()
-            below = tb.inputs[block] if reuse else None
+            below = rb.stream
         lps = scoring.target_token_logprobs(logits[:n], batch)
         nll = torch.stack([-lp.mean() for lp in lps]).mean()
         kl_logp = torch.log_softmax(logits[n, pos[n]].float(), -1)[None]
