@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import scoring, tracing
+from .. import data, scoring, tracing
 from ..hooks import trace
 from ..models import load_model, module_name, n_layers
 
@@ -72,13 +72,6 @@ def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size
 # ----------------------------------------------------------------------------------------------------
 
 
-def _trace_frame(records: list[dict]) -> pd.DataFrame:
-    rws = [r["requested_rewrite"] for r in records]
-    return pd.DataFrame({"case_id": [r["case_id"] for r in records], "subject": [rw["subject"] for rw in rws],
-                         "prompt": [rw["prompt"] for rw in rws],
-                         "target_true": [rw["target_true"]["str"] for rw in rws]})
-
-
 def enrichment_probe(model, tok, records: list[dict], sigma: float, n_samples: int = 10, win: int = 5,
                      progress: bool = False) -> pd.DataFrame:
     """Causal tracing (:func:`helpers.tracing.trace_facts`) restricted to the last subject token: restore the
@@ -88,7 +81,7 @@ def enrichment_probe(model, tok, records: list[dict], sigma: float, n_samples: i
     recovered share of the corrupted-to-clean gap (NaN when the gap is not positive). ``kind`` is "mlp"
     (window ``win``, the bar) or "hidden" (window 1: does later text read the subject from its last token?).
     """
-    facts = _trace_frame(records)
+    facts = data.to_frame(data.parse_records(records))[["case_id", "subject", "prompt", "target_true"]]
     frames = []
     for kind, w in (("mlp", win), ("hidden", 1)):
         t = tracing.trace_facts(model, tok, facts, kinds=[kind], windows=[w], sigma=sigma, n_samples=n_samples,

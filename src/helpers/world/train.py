@@ -123,28 +123,31 @@ def subject_spans(tok, docs: list[str], names: list[str]) -> list[list[tuple[int
     return out
 
 
+def _name_keys(block_spans: list[list[tuple[int, int]]], seq_len: int, p: float = 1.0,
+               rng: np.random.RandomState | None = None) -> torch.Tensor:
+    """(batch, 1, T, T) bool: True where a query position after a name mention meets a key among the mention's
+    tokens before its last one, for every mention (``rng`` None) or a share ``p`` of them."""
+    m = torch.zeros(len(block_spans), 1, seq_len, seq_len, dtype=torch.bool)
+    for k, spans in enumerate(block_spans):
+        for b, e in spans:
+            if rng is None or rng.rand() < p:
+                m[k, 0, e:, b: e - 1] = True
+    return m
+
+
 def name_mask(block_spans: list[list[tuple[int, int]]], seq_len: int, p: float,
               rng: np.random.RandomState) -> torch.Tensor:
     """(batch, 1, T, T) causal mask in which, for a share ``p`` of subject mentions, the tokens after the
     mention cannot attend to the mention's tokens before its last one: what later text knows about the
     subject must come from the last subject token (a name-reading bottleneck, training only)."""
     causal = torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool))
-    mask = causal.repeat(len(block_spans), 1, 1, 1)
-    for k, spans in enumerate(block_spans):
-        for b, e in spans:
-            if rng.rand() < p:
-                mask[k, 0, e:, b: e - 1] = False
-    return mask
+    return causal & ~_name_keys(block_spans, seq_len, p, rng)
 
 
 def name_key_mask(block_spans: list[list[tuple[int, int]]], seq_len: int) -> torch.Tensor:
     """(batch, 1, T, T) float: 1 where a query position after a name mention meets a key among the mention's
     tokens before its last one (what :func:`attention_penalty` discourages)."""
-    m = torch.zeros(len(block_spans), 1, seq_len, seq_len)
-    for k, spans in enumerate(block_spans):
-        for b, e in spans:
-            m[k, 0, e:, b: e - 1] = 1.0
-    return m
+    return _name_keys(block_spans, seq_len).float()
 
 
 def attention_penalty(attentions: tuple[torch.Tensor, ...], key_mask: torch.Tensor) -> torch.Tensor:
