@@ -114,6 +114,39 @@ def test_edit_many_fast_mode_within_tolerance(tiny, method):
         assert abs(pa - pb) <= 1e-5 * pb, (method, r.case_id, pa, pb)
 
 
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_fast_mode_recomputes_only_suffixes_within_tolerance(tiny, method, monkeypatch):
+    """Clean requests in fast mode: from step 1 on, ROME/MEMIT passes run only the positions from each row's
+    subject on (helpers.suffix) and still agree with the one-fact path: deltas to 1e-4 of their max,
+    post-edit probabilities to 1e-5 relative. Switching reuse off (hooks.REUSE_BELOW) gives full passes."""
+    from helpers import hooks
+
+    reqs = [r for r in _requests() if r.noise is None]
+    made = []
+
+    class Spy(BT.SuffixPass):
+        def __post_init__(self):
+            super().__post_init__()
+            made.append(self.input_ids.shape[1] / self.full.input_ids.shape[1])
+
+    monkeypatch.setattr(BT, "SuffixPass", Spy)
+    one = [E.edit(tiny.model, tiny.tok, r, method, 1, HP[method], stats=tiny.stats, templates=tiny.templates)
+           for r in reqs]
+    many = BT.edit_many(tiny.model, tiny.tok, reqs, method, 1, HP[method], stats=tiny.stats,
+                        templates=tiny.templates, exact=False)
+    assert len(made) == 1 and made[0] < 0.7  # one padded pass; its suffixes are well under its full length
+    for r, a, b in zip(reqs, many, one):
+        assert a.info["updates"] == b.info["updates"]
+        for l in b.deltas:
+            assert _rel(a.deltas[l], b.deltas[l]) < 1e-4, (method, r.case_id, l)
+        pa, pb = _p(tiny, r, a), _p(tiny, r, b)
+        assert abs(pa - pb) <= 1e-5 * pb, (method, r.case_id, pa, pb)
+    monkeypatch.setattr(hooks, "REUSE_BELOW", False)
+    BT.edit_many(tiny.model, tiny.tok, reqs[:1], method, 1, HP[method], stats=tiny.stats,
+                 templates=tiny.templates, exact=False)
+    assert len(made) == 1
+
+
 # ------------------------------------------------------------------------------- per-fact rules (FT)
 
 

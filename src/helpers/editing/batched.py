@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import hooks, metrics, models, scoring
+from ..suffix import SuffixPass, cache_of
 from . import memit, rome
 from .base import Edit, EditError, EditRequest, NoiseSpec, fill, subject_ranges, subject_token_range
 from .finetune import LOSS_FLOOR, PATIENCE, FTHparams
@@ -425,6 +426,7 @@ def _optimize_deltas(
         passes.append((ks, batch, pos))
     name = models.module_name(model, kind, layer)
     belows: dict[int, torch.Tensor] = {}
+    suffixes: dict[int, SuffixPass] = {}
     d_model, _ = models.dims(model)
 
     deltas = [torch.zeros(d_model, requires_grad=True) for _ in range(K)]
@@ -443,24 +445,35 @@ def _optimize_deltas(
             if noise is not None:
                 noise.set_rows([(k, facts[k][3]) for k in ks])
             d_rows = torch.cat([deltas[k].expand(per, -1) for k in ks])
-            # the stream entering the block, computed at step 0 and reused (not under fresh input noise)
+            # the stream entering the block, computed at step 0 and reused (not under fresh input noise); in fast
+            # mode also the prefix before each row's δ position (suffix.SuffixPass), from step 1 on
             reuse = not _noised(noise, ks)
             below = belows.get(id(batch)) if reuse else None
-            with hooks.trace(model, name, edit=hooks.add_at_positions(d_rows, pos), retain_output=it == 0) as tr, \
-                    hooks.reuse_below(model, layer, below, record=reuse) as rb:
-                logits = model(**batch.model_inputs()).logits
+            sp = suffixes.get(id(batch)) if reuse else None
+            edit_pos = torch.zeros_like(pos) if sp is not None else pos
+            with hooks.trace(model, name, edit=hooks.add_at_positions(d_rows, edit_pos), retain_output=it == 0) \
+                    as tr, hooks.reuse_below(model, layer, below, record=reuse) as rb:
+                if sp is not None:
+                    logits, scored = model(**sp.model_inputs(model)).logits, sp.batch
+                else:
+                    prefix = reuse and not exact and hooks.REUSE_BELOW
+                    out = model(**batch.model_inputs(), use_cache=prefix)
+                    logits, scored = out.logits, batch
+                    if prefix:
+                        suffixes[id(batch)] = SuffixPass(batch, pos, cache_of(out))
             if rb.stream is not None:
-                belows[id(batch)] = rb.stream
+                sp_new = suffixes.get(id(batch))
+                belows[id(batch)] = sp_new.gather(rb.stream) if sp_new is not None else rb.stream
             for j, k in enumerate(ks):
                 if k in failed:
                     continue
                 r0 = j * per
                 if it == 0:
                     v_init[k] = tr.outputs[name][r0, pos[r0]].detach().float().clone()
-                sub = _sub_batch(batch, range(r0, r0 + n))
+                sub = _sub_batch(scored, range(r0, r0 + n))
                 lps = scoring.target_token_logprobs(logits[r0 : r0 + n], sub)
                 nll = torch.stack([-lp.mean() for lp in lps]).mean()
-                kl_logp = torch.log_softmax(logits[r0 + n, pos[r0 + n]].float(), -1)[None]
+                kl_logp = torch.log_softmax(logits[r0 + n, edit_pos[r0 + n]].float(), -1)[None]
                 if kl_init[k] is None:
                     kl_init[k] = kl_logp.detach().clone()
                 kl = kl_factor * F.kl_div(kl_init[k], kl_logp, log_target=True, reduction="batchmean")

@@ -1,0 +1,102 @@
+"""Recompute only each row's suffix: positions >= ``cut[i]``, attending to cached keys/values of the prefix.
+
+ROME's v* and MEMIT's z optimisation add a vector δ at one position p_i of every row (the last subject
+token) and run the same batch ~20 times. Positions before p_i cannot see δ (causal attention), so their
+keys and values at every layer are the same at every step: record them once, then run only positions
+>= p_i. With context templates of 5-10 tokens before the prompt, most of a row is prefix.
+
+    full = model(**batch.model_inputs(), use_cache=True)           # step 0: records every layer's K/V
+    sp = SuffixPass(batch, cut=positions, cache=cache_of(full))
+    logits = model(**sp.model_inputs()).logits                      # (B, S, V): columns = positions cut[i]..
+    lps = scoring.target_token_logprobs(logits, sp.batch)           # unchanged call: sp.batch is shifted
+
+Padding: rows are packed into a common past of P = max(cut) columns, row i's prefix in columns < cut[i]
+(the rest masked), and its suffix in columns P.. with position ids cut[i], cut[i]+1, ... Works for any
+model whose attention takes a transformers ``DynamicCache`` and explicit position ids (GPT-2, GPT-J,
+GPT-NeoX, Llama). Results equal the full pass up to float rounding (different matmul shapes), not bitwise.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .scoring import Batch
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """Name of the forward's cache argument: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output) -> object:
+    """The key/value cache returned by a ``use_cache=True`` forward."""
+    past = getattr(output, "cache", None) if hasattr(type(output), "cache") else None
+    past = past if past is not None else getattr(output, "past_key_values", None)
+    if past is None:
+        raise RuntimeError("the forward pass returned no key/value cache (was use_cache=True passed?)")
+    return past
+
+
+def _layers_kv(past) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if hasattr(past, "layers"):  # transformers >= 4.56 Cache objects
+        return [(lay.keys, lay.values) for lay in past.layers]
+    return [(k, v) for k, v in past]  # legacy tuple of (k, v)
+
+
+@dataclass
+class SuffixPass:
+    """The inputs of a suffix-only pass over ``batch`` (B rows, right- or left-padded) from ``cut`` (B,).
+
+    ``cache`` is the key/value cache of a full pass over ``batch``; only its first max(cut) + start columns
+    are kept. ``batch`` (after construction) is the suffix view: ``input_ids`` (B, S) and ``start[i] =
+    start_i - cut_i`` so that :func:`helpers.scoring.target_token_logprobs` reads the right columns, as long
+    as every row's target starts after its cut (``cut[i] <= last prompt position``).
+    """
+
+    full: Batch
+    cut: torch.Tensor
+    cache: object
+
+    def __post_init__(self) -> None:
+        b, cut = self.full, torch.as_tensor(self.cut, dtype=torch.long)
+        B, T = b.input_ids.shape
+        ends = torch.tensor([s + p + t for s, p, t in zip(b.start, b.prompt_len, b.target_len)])
+        last_prompt = b.last_prompt_pos()
+        if (cut > last_prompt).any() or (cut < torch.tensor(b.start)).any():
+            i = int(((cut > last_prompt) | (cut < torch.tensor(b.start))).nonzero()[0])
+            raise ValueError(f"row {i}: cut {int(cut[i])} is outside its prompt "
+                             f"[{b.start[i]}, {int(last_prompt[i])}]")
+        self.cut = cut
+        self.P = int(cut.max())
+        S = int((ends - cut).max())
+        cols = cut[:, None] + torch.arange(S)[None]  # (B, S) original column of each suffix column
+        valid = cols < ends[:, None]
+        self.cols = cols.clamp(max=T - 1)
+        self.valid = valid
+        ids = torch.where(valid, b.input_ids.gather(1, self.cols), torch.zeros_like(self.cols))
+        pos = torch.where(valid, b.position_ids.gather(1, self.cols), torch.zeros_like(self.cols))
+        past_mask = (torch.arange(self.P)[None] < cut[:, None]) & (b.attention_mask[:, : self.P] > 0)
+        self.attention_mask = torch.cat([past_mask, valid], 1).long()
+        self.input_ids, self.position_ids = ids, pos
+        self.kv = [(k[:, :, : self.P].detach(), v[:, :, : self.P].detach()) for k, v in _layers_kv(self.cache)]
+        self.batch = Batch(ids, valid.long(), pos, list(b.prompt_len), list(b.target_len),
+                           [s - int(c) for s, c in zip(b.start, cut)])
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) per-position tensor of the full batch -> (B, S, ...) at the suffix columns."""
+        idx = self.cols.reshape(*self.cols.shape, *([1] * (x.dim() - 2))).expand(*self.cols.shape, *x.shape[2:])
+        return x.gather(1, idx)
+
+    def model_inputs(self, model: nn.Module) -> dict:
+        """Keyword arguments of the suffix pass, with a fresh cache holding the prefix keys/values."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(self.kv):
+            cache.update(k, v, layer)
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids, "use_cache": True, cache_kwarg(model): cache}
