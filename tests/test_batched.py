@@ -124,10 +124,16 @@ def test_fast_mode_recomputes_only_suffixes_within_tolerance(tiny, method, monke
     reqs = [r for r in _requests() if r.noise is None]
     made = []
 
+    used = []
+
     class Spy(BT.SuffixPass):
-        def __post_init__(self):
-            super().__post_init__()
+        def __post_init__(self, cache):
+            super().__post_init__(cache)
             made.append(self.input_ids.shape[1] / self.full.input_ids.shape[1])
+
+        def model_inputs(self, model):
+            used.append(1)
+            return super().model_inputs(model)
 
     monkeypatch.setattr(BT, "SuffixPass", Spy)
     one = [E.edit(tiny.model, tiny.tok, r, method, 1, HP[method], stats=tiny.stats, templates=tiny.templates)
@@ -135,6 +141,8 @@ def test_fast_mode_recomputes_only_suffixes_within_tolerance(tiny, method, monke
     many = BT.edit_many(tiny.model, tiny.tok, reqs, method, 1, HP[method], stats=tiny.stats,
                         templates=tiny.templates, exact=False)
     assert len(made) == 1 and made[0] < 0.7  # one padded pass; its suffixes are well under its full length
+    steps = E.prepare(tiny.model, tiny.tok, method, 1, HP[method], tiny.stats, tiny.templates)[0].v_num_grad_steps
+    assert len(used) == steps - 1  # every step after the first runs the suffixes only
     for r, a, b in zip(reqs, many, one):
         assert a.info["updates"] == b.info["updates"]
         for l in b.deltas:

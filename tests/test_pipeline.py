@@ -69,7 +69,7 @@ def _copy_book(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_local_model_path_end_to_end_and_skip(tmp_path, model_dirs, monkeypatch):
     """The real-model path with local stand-ins: a folder model and an official-schema file."""
-    monkeypatch.setattr(pipeline, "_source_hash", lambda: "fixed")  # isolate from edits to the package
+    monkeypatch.setattr(pipeline, "source_hash", lambda: "fixed")  # isolate from edits to the package
     profile = _standin_profile(tmp_path, model_dirs["gpt2"])
     book = _copy_book(tmp_path)
     only = ["01_data"]
@@ -86,7 +86,7 @@ def test_local_model_path_end_to_end_and_skip(tmp_path, model_dirs, monkeypatch)
     assert [r["status"] for r in third] == ["ran"]
     assert int(__import__("pandas").read_parquet(tmp_path / "results" / "standin" / "facts.parquet")["kept"].sum()) == 2
     # Changed package source: re-run too.
-    monkeypatch.setattr(pipeline, "_source_hash", lambda: "changed")
+    monkeypatch.setattr(pipeline, "source_hash", lambda: "changed")
     fourth = pipeline.run(profile, book_dir=book, root=ROOT, results_root=tmp_path / "results", only=only)
     assert [r["status"] for r in fourth] == ["ran"]
 

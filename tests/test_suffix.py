@@ -32,12 +32,15 @@ def _batch(padding: str) -> scoring.Batch:
 
 @pytest.mark.parametrize("arch", ["gpt2", "gptj", "gpt_neox", "llama"])
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_suffix_pass_equals_full_pass_edited_at_the_cut(arch, padding):
+@pytest.mark.parametrize("kind", ["mlp", "block"])  # ROME's δ on the MLP output, MEMIT's on the block output
+def test_suffix_pass_equals_full_pass_edited_at_the_cut(arch, padding, kind):
     m = tiny_model(arch, 50, n_layer=3).eval()
     b = _batch(padding)
-    cut = torch.tensor([b.start[0] + 4, b.start[1] + 2, b.start[2] + 0])  # row 2: no prefix at all
+    # row 0 mid-prompt, row 1 at its last prompt token (its first target token is scored from suffix column 0),
+    # row 2 at its first token (no prefix at all)
+    cut = torch.tensor([b.start[0] + 4, b.start[1] + 4, b.start[2] + 0])
     layer = 1
-    mlp, block = models.module_name(m, "mlp", layer), models.module_name(m, "block", layer)
+    mlp, block = models.module_name(m, kind, layer), models.module_name(m, "block", layer)
     delta = torch.randn(3, models.dims(m)[0], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         with hooks.trace(m, block, retain_output=False, retain_input=True) as tr:

@@ -107,6 +107,30 @@ def test_interrupted_sweep_resumes_to_the_same_table(lm, facts, tmp_path):
     pd.testing.assert_frame_equal(again, resumed)
 
 
+def test_rows_from_other_settings_are_not_resumed(lm, facts, tmp_path, caplog):
+    """A table left by a run with other hyperparameters is discarded, not resumed: the re-run equals a fresh
+    run with the new settings. Pre-edit rows and σ are fingerprinted the same way."""
+    model, tok = lm
+    fs = facts.head(2)
+    old = _cell()
+    old.hparams = {**old.hparams, "norm_constraint": 1e-6}
+    sweep.run_cell(model, tok, fs, old, tmp_path / "b" / "t.parquet", tmp_path / "b", stop_after=1)
+    fresh = sweep.run_cell(model, tok, fs, _cell(), tmp_path / "a" / "t.parquet", tmp_path / "a")
+    with caplog.at_level("WARNING"):
+        rerun = sweep.run_cell(model, tok, fs, _cell(), tmp_path / "b" / "t.parquet", tmp_path / "b")
+    assert "other settings" in caplog.text
+    pd.testing.assert_frame_equal(_without_time(fresh), _without_time(rerun))
+    # pre-edit rows of another σ (Fact Forcing's evaluation noise) are recomputed too
+    p1 = sweep.pre_edit(model, tok, fs, "ff", 0.5, tmp_path / "c")
+    p2 = sweep.pre_edit(model, tok, fs, "ff", 2.0, tmp_path / "c")
+    assert (p1["rewrite_pre"].values != p2["rewrite_pre"].values).any()
+    # σ is recomputed when the subjects change
+    s1 = sweep.noise_sigma_for(tmp_path / "d", model, tok, list(fs["subject"]))
+    assert sweep.noise_sigma_for(tmp_path / "d", model, tok, list(fs["subject"])) == s1
+    s2 = sweep.noise_sigma_for(tmp_path / "d", model, tok, list(facts["subject"]))
+    assert s2 != s1
+
+
 def test_failed_edit_is_recorded_and_sweep_goes_on(lm, facts, tmp_path, monkeypatch):
     model, tok = lm
     real = editing.edit

@@ -175,7 +175,9 @@ def stages(profile: Profile, root: Path | None = None) -> list[Stage]:
     return out
 
 
-def _source_hash() -> str:
+def source_hash() -> str:
+    """Hash of the ``helpers`` package's source (.py, .yaml, .json): part of every stage key and of the
+    fingerprints of cached sweep tables."""
     h = hashlib.sha256()
     for p in sorted(PACKAGE_DIR.rglob("*")):
         if p.is_file() and p.suffix in (".py", ".yaml", ".json") and "__pycache__" not in p.parts:
@@ -245,7 +247,7 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     res = results_dir(profile, results_root)
     (res / ".stages").mkdir(parents=True, exist_ok=True)
-    src = _source_hash()
+    src = source_hash()
     todo = stages(profile, root)
     n = len(todo)
     print(f"[pipeline] profile {profile.name}: {n} stages -> {out_dir} ({jobs} at a time where independent)", flush=True)

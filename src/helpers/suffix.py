@@ -19,7 +19,7 @@ GPT-NeoX, Llama). Results equal the full pass up to float rounding (different ma
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ def _layers_kv(past) -> list[tuple[torch.Tensor, torch.Tensor]]:
 class SuffixPass:
     """The inputs of a suffix-only pass over ``batch`` (B rows, right- or left-padded) from ``cut`` (B,).
 
-    ``cache`` is the key/value cache of a full pass over ``batch``; only its first max(cut) + start columns
+    ``cache`` is the key/value cache of a full pass over ``batch``; only copies of its first max(cut) columns
     are kept. ``batch`` (after construction) is the suffix view: ``input_ids`` (B, S) and ``start[i] =
     start_i - cut_i`` so that :func:`helpers.scoring.target_token_logprobs` reads the right columns, as long
     as every row's target starts after its cut (``cut[i] <= last prompt position``).
@@ -59,9 +59,9 @@ class SuffixPass:
 
     full: Batch
     cut: torch.Tensor
-    cache: object
+    cache: InitVar[object]
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, cache: object) -> None:
         b, cut = self.full, torch.as_tensor(self.cut, dtype=torch.long)
         B, T = b.input_ids.shape
         ends = torch.tensor([s + p + t for s, p, t in zip(b.start, b.prompt_len, b.target_len)])
@@ -82,7 +82,9 @@ class SuffixPass:
         past_mask = (torch.arange(self.P)[None] < cut[:, None]) & (b.attention_mask[:, : self.P] > 0)
         self.attention_mask = torch.cat([past_mask, valid], 1).long()
         self.input_ids, self.position_ids = ids, pos
-        self.kv = [(k[:, :, : self.P].detach(), v[:, :, : self.P].detach()) for k, v in _layers_kv(self.cache)]
+        # copies of the P prefix columns only (the full pass's cache and its graph can then be freed)
+        self.kv = [(k[:, :, : self.P].detach().clone(), v[:, :, : self.P].detach().clone())
+                   for k, v in _layers_kv(cache)]
         self.batch = Batch(ids, valid.long(), pos, list(b.prompt_len), list(b.target_len),
                            [s - int(c) for s, c in zip(b.start, cut)])
 

@@ -1,7 +1,9 @@
 """The editing sweep: one (method × problem) cell over facts × central layers → one row per edit.
 
-The table is rewritten atomically after every fact, so an interrupted sweep loses at most the fact in
-progress, and a re-run skips the (case_id, central_layer) rows already there. A failed edit (exception,
+The table is rewritten atomically after every chunk of facts, so an interrupted sweep loses at most the
+chunk in progress, and a re-run skips the (case_id, central_layer) rows already there, provided the table was
+written with the same settings, model and ``helpers`` code (a fingerprint stored in the file; otherwise the old
+rows are discarded and the cell starts afresh, with a warning). A failed edit (exception,
 NaN or inf) becomes a row with ``status="error"`` and its message, and the sweep goes on.
 
 Pre-edit quantities (the task's target, p(target) before the edit, the essence texts and their perplexity)
@@ -18,11 +20,12 @@ Edit rows (the interface to the analysis; list columns hold one value per prompt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -56,6 +59,33 @@ class CellConfig:
     exact: bool = False
 
 
+def _fingerprint(*parts) -> str:
+    """Hash of ``parts``, the model's name/path and the ``helpers`` source: rows cached on disk are reused only
+    when all of them are unchanged."""
+    from .pipeline import source_hash
+
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    h.update(source_hash().encode())
+    return h.hexdigest()[:16]
+
+
+def _model_id(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "") or type(model).__name__)
+
+
+def _read_if_same(path: Path, key: str, empty: pd.DataFrame) -> pd.DataFrame:
+    """The table at ``path`` if it was written with ``key``, else ``empty`` (logging why)."""
+    if not path.exists():
+        return empty
+    have = tables.read_table(path)
+    if tables.table_key(have) != key:
+        log.warning("%s was written with other settings, another model or other helpers code; recomputing it",
+                    path)
+        return empty
+    return have
+
+
 def _pre_path(results: Path, problem: str) -> Path:
     return results / "pre" / f"{get_problem(problem).key}.parquet"
 
@@ -64,7 +94,8 @@ def pre_edit(model: nn.Module, tok, facts: pd.DataFrame, problem: str, sigma: fl
              options: ProblemOptions = ProblemOptions(), essence_samples: int = 5) -> pd.DataFrame:
     """Per fact: the task (target, baseline, …) and its pre-edit measurements; cached on disk per problem."""
     path = _pre_path(results, problem)
-    have = tables.read_table(path) if path.exists() else pd.DataFrame({"case_id": pd.Series(dtype=int)})
+    key = _fingerprint("pre", get_problem(problem).key, sigma, options, essence_samples, _model_id(model))
+    have = _read_if_same(path, key, pd.DataFrame({"case_id": pd.Series(dtype=int)}))
     todo = facts[~facts["case_id"].isin(have["case_id"])]
     rows = []
     for _, fact in tqdm(todo.iterrows(), total=len(todo), desc=f"pre-edit {problem}", leave=False):
@@ -77,7 +108,7 @@ def pre_edit(model: nn.Module, tok, facts: pd.DataFrame, problem: str, sigma: fl
     if rows:
         have = pd.concat([have, pd.DataFrame(rows)], ignore_index=True) if len(have) else pd.DataFrame(rows)
         have = have.sort_values("case_id").reset_index(drop=True)
-        tables.write_table(have, path)
+        tables.write_table(have, path, key)
     return have[have["case_id"].isin(facts["case_id"])].set_index("case_id", drop=False)
 
 
@@ -119,7 +150,9 @@ def run_cell(
     out_path = Path(out_path)
     prob = get_problem(cfg.problem)
     pre = pre_edit(model, tok, facts, prob.key, cfg.sigma, results, cfg.options, cfg.essence_samples)
-    done = tables.read_table(out_path) if out_path.exists() else pd.DataFrame(columns=KEY)
+    # batch_size is left out: it changes nothing but float rounding in fast mode
+    key = _fingerprint("cell", {k: v for k, v in asdict(cfg).items() if k != "batch_size"}, _model_id(model))
+    done = _read_if_same(out_path, key, pd.DataFrame(columns=KEY))
     done_keys = set(map(tuple, done[KEY].astype(int).values.tolist()))
     todo = [f for _, f in facts.iterrows() if any((int(f["case_id"]), l) not in done_keys for l in cfg.layers)]
     if stop_after is not None:
@@ -139,7 +172,7 @@ def run_cell(
                                stats, templates)
             new_rows += rows
             bar.update(len(rows))
-        tables.write_table(_combine(done, new_rows), out_path)  # committed per chunk, atomically
+        tables.write_table(_combine(done, new_rows), out_path, key)  # committed per chunk, atomically
     bar.close()
     return _combine(done, new_rows)
 
@@ -252,9 +285,13 @@ def noise_sigma_for(results: Path, model: nn.Module, tok, subjects: Sequence[str
     from .tracing import noise_sigma
 
     path = Path(results) / "noise.json"
+    key = _fingerprint("sigma", sorted(set(subjects)), _model_id(model))
     if path.exists():
-        return float(json.loads(path.read_text())["sigma"])
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return float(saved["sigma"])
+        log.warning("%s was computed for another model, other subjects or other helpers code; recomputing", path)
     sigma = noise_sigma(model, tok, list(subjects))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"sigma": sigma, "n_subjects": len(set(subjects))}))
+    with tables.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"sigma": sigma, "n_subjects": len(set(subjects)), "key": key}))
     return sigma

@@ -27,11 +27,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_table(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write ``df`` to ``path`` (parquet) atomically."""
+KEY_ATTR = "helpers_key"
+
+
+def write_table(df: pd.DataFrame, path: str | Path, key: str | None = None) -> Path:
+    """Write ``df`` to ``path`` (parquet) atomically. ``key``, a fingerprint of whatever produced the rows
+    (settings, model, code), is stored in the file's metadata, in the same atomic write: see :func:`table_key`."""
+    if key is not None:
+        df = df.copy(deep=False)
+        df.attrs = {**df.attrs, KEY_ATTR: key}
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
     return Path(path)
+
+
+def table_key(df: pd.DataFrame) -> str | None:
+    """The ``key`` a table was written with (None if none)."""
+    return df.attrs.get(KEY_ATTR)
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

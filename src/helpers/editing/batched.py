@@ -460,7 +460,11 @@ def _optimize_deltas(
                     out = model(**batch.model_inputs(), use_cache=prefix)
                     logits, scored = out.logits, batch
                     if prefix:
-                        suffixes[id(batch)] = SuffixPass(batch, pos, cache_of(out))
+                        try:
+                            suffixes[id(batch)] = SuffixPass(batch, pos, cache_of(out))
+                        except ValueError as err:  # a δ position outside its prompt: keep full passes
+                            log.debug("no suffix passes for this batch: %s", err)
+                    del out  # the full pass's cache (all layers, all positions)
             if rb.stream is not None:
                 sp_new = suffixes.get(id(batch))
                 belows[id(batch)] = sp_new.gather(rb.stream) if sp_new is not None else rb.stream
