@@ -25,6 +25,10 @@ def test_profiles_load_and_unknown_keys_rejected(tmp_path):
     bad.write_text("modle: gpt2\n")
     with pytest.raises(ValueError, match="unknown keys \\['modle'\\]"):
         pipeline.load_profile(bad)
+    bad.write_text("editing:\n  exat: true\n")  # a typo inside a section is not silently ignored
+    with pytest.raises(ValueError, match="unknown keys \\['exat'\\] in section 'editing'"):
+        pipeline.load_profile(bad)
+    assert prof.editing["exact"] is False  # the sweep's fast mode by default
     with pytest.raises(FileNotFoundError, match="known profiles"):
         pipeline.load_profile("nope")
 
