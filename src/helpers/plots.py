@@ -160,6 +160,10 @@ def te_scatter_by_layer(joined: pd.DataFrame, score: str = "rewrite", te: str = 
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.0 * nrow), squeeze=False, sharex=True, sharey=True)
     for ax, layer in zip(axes.flat, layers):
         te_scatter(joined[joined["layer"] == layer], score, te, ax=ax, title=f"layer {layer}")
+    xlabel = axes.flat[0].get_xlabel()
+    for ax in axes.flat:  # one shared x label under the grid (the long per-panel labels overlap)
+        ax.set_xlabel("")
+    fig.supxlabel(xlabel, fontsize=10)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     return _done(fig)
