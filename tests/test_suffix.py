@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_model
 
 from helpers import hooks, models, scoring
-from helpers.suffix import SuffixPass, cache_of
+from helpers.scoring import cache_of
+from helpers.suffix import SuffixPass
 
 torch.set_num_threads(1)
 

@@ -56,6 +56,20 @@ class Batch:
         return torch.tensor([s + p - 1 for s, p in zip(self.start, self.prompt_len)])
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """Name of the forward's cache argument: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output) -> object:
+    """The key/value cache returned by a ``use_cache=True`` forward."""
+    past = getattr(output, "cache", None) if hasattr(type(output), "cache") else None
+    past = past if past is not None else getattr(output, "past_key_values", None)
+    if past is None:
+        raise RuntimeError("the forward pass returned no key/value cache (was use_cache=True passed?)")
+    return past
+
+
 def make_batch(
     tok,
     prompts: Sequence[str],
@@ -184,7 +198,7 @@ def generate(
     if (max_new_tokens is None) == (max_out_len is None):
         raise ValueError("give exactly one of max_new_tokens, max_out_len")
     gen = torch.Generator().manual_seed(seed)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = cache_kwarg(model)
     texts: list[str] = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i : i + batch_size])
@@ -199,7 +213,7 @@ def generate(
         past = None
         for _ in range(steps):
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: past})
-            past = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+            past = cache_of(out)
             logits = out.logits[:, -1].float()
             if top_k is None:
                 nxt = logits.argmax(-1)

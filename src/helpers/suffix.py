@@ -18,27 +18,12 @@ GPT-NeoX, Llama). Results equal the full pass up to float rounding (different ma
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import InitVar, dataclass
 
 import torch
 from torch import nn
 
-from .scoring import Batch
-
-
-def cache_kwarg(model: nn.Module) -> str:
-    """Name of the forward's cache argument: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def cache_of(output) -> object:
-    """The key/value cache returned by a ``use_cache=True`` forward."""
-    past = getattr(output, "cache", None) if hasattr(type(output), "cache") else None
-    past = past if past is not None else getattr(output, "past_key_values", None)
-    if past is None:
-        raise RuntimeError("the forward pass returned no key/value cache (was use_cache=True passed?)")
-    return past
+from .scoring import Batch, cache_kwarg
 
 
 def _layers_kv(past) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -66,8 +51,9 @@ class SuffixPass:
         B, T = b.input_ids.shape
         ends = torch.tensor([s + p + t for s, p, t in zip(b.start, b.prompt_len, b.target_len)])
         last_prompt = b.last_prompt_pos()
-        if (cut > last_prompt).any() or (cut < torch.tensor(b.start)).any():
-            i = int(((cut > last_prompt) | (cut < torch.tensor(b.start))).nonzero()[0])
+        outside = (cut > last_prompt) | (cut < torch.tensor(b.start))
+        if outside.any():
+            i = int(outside.nonzero()[0])
             raise ValueError(f"row {i}: cut {int(cut[i])} is outside its prompt "
                              f"[{b.start[i]}, {int(last_prompt[i])}]")
         self.cut = cut

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import hooks, metrics, models, scoring
-from ..suffix import SuffixPass, cache_of
+from ..scoring import cache_of
+from ..suffix import SuffixPass
 from . import memit, rome
 from .base import Edit, EditError, EditRequest, NoiseSpec, fill, subject_ranges, subject_token_range
 from .finetune import LOSS_FLOOR, PATIENCE, FTHparams
