@@ -351,11 +351,22 @@ def _attn_scale(blk: nn.Module, layer: int) -> float:
     return s / float(layer + 1) if attn.scale_attn_by_inverse_layer_idx else s
 
 
+def _gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh-approximated GELU, computed in place on ``x`` (no autograd).
+
+    0.5 x (1 + tanh(u)) = x sigmoid(2u) with u = sqrt(2/pi) (x + 0.044715 x^3): the same function, within
+    5e-7 of transformers' formula, about 2x faster on a CPU than torch's tanh kernel (one sigmoid, no tanh).
+    """
+    y = x * x
+    y.mul_(0.044715).add_(1.0).mul_(x).mul_(2.0 * math.sqrt(2.0 / math.pi)).sigmoid_()
+    return x.mul_(y)
+
+
 def _mlp_fn(blk: nn.Module):
-    """The block's MLP; GPT-2's tanh-approximated GELU is run as torch's fused kernel (same formula)."""
+    """The block's MLP; GPT-2's tanh-approximated GELU is run as :func:`_gelu_tanh_` (same formula)."""
     mlp = blk.mlp
     if type(mlp.act).__name__ in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"):
-        return lambda h: mlp.c_proj(torch.nn.functional.gelu(mlp.c_fc(h), approximate="tanh"))
+        return lambda h: mlp.c_proj(_gelu_tanh_(mlp.c_fc(h)))
     return mlp
 
 
@@ -419,10 +430,9 @@ def _score_suffix(model: nn.Module, fact: Fact, x: torch.Tensor, first: int) -> 
     T, Ty = fact.prompt_len, fact.target_len
     xs = x[:, :, first : first + Ty].reshape(G * N, Ty, -1)  # positions scoring the target tokens
     logits = module(model, "unembed")(module(model, "final_norm")(xs))
-    ids = fact.ids[T - 1 : T + Ty].unsqueeze(0).repeat(G * N, 1)  # last prompt token ‖ target
-    one = torch.ones_like(ids)
-    batch = Batch(ids, one, one.cumsum(-1) - 1, [1] * (G * N), [Ty] * (G * N), [0] * (G * N))
-    return target_logprob_from_logits(logits, batch).exp().reshape(G, N).mean(1)
+    logp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    target = fact.ids[T : T + Ty].view(1, Ty, 1).expand(G * N, Ty, 1)  # every row scores the same tokens
+    return logp.gather(-1, target).sum((1, 2)).exp().reshape(G, N).mean(1)
 
 
 @dataclass
