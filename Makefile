@@ -39,7 +39,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@echo "==> tracing speed: fast path vs one site at a time (default world model)"
-	OMP_NUM_THREADS=1 $(PY) benchmarks/tracing.py --facts 8 --windows 1,3,5,10
+	OMP_NUM_THREADS=1 $(PY) benchmarks/tracing.py --facts 16 --windows 1,3,5,10
 	@echo "==> editing speed: batched vs one fact at a time"
 	OMP_NUM_THREADS=1 $(PY) benchmarks/editing.py --facts 16
 	@echo "==> editing quality bar (ROME/MEMIT/FT on Error Injection)"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 
 from helpers.world import WORLD_PRESETS, TrainConfig, WorldConfig, build_world, ensure_world_model
-from helpers.world.generate import RELATION_BY_ID, RELATIONS
+from helpers.world.generate import RECORDS_VERSION, RELATION_BY_ID, RELATIONS
 from helpers.tracing import subject_range
 from helpers.world.report import target_scores
 from helpers.world.tokenizer import subject_token_lengths, train_tokenizer
@@ -59,7 +60,8 @@ def test_every_record_has_the_official_schema(world):
         for rid, o in e.attributes.items():
             subjects_by_rel_obj.setdefault((rid, o), set()).add(e.name)
     seen = set()
-    assert len(world.records) == len(world.facts)
+    shared = [f for f in world.facts if len(subjects_by_rel_obj[(f.relation_id, f.object)]) > 1]
+    assert len(world.records) == len(shared) > len(world.facts) // 2  # facts nobody else shares: no record
     for pos, r in enumerate(world.records):
         assert set(r) == {"case_id", "pararel_idx", "requested_rewrite", "paraphrase_prompts",
                           "neighborhood_prompts", "attribute_prompts", "generation_prompts"}
@@ -75,9 +77,14 @@ def test_every_record_has_the_official_schema(world):
         assert len(r["paraphrase_prompts"]) == 2
         assert all(rw["subject"] in p and "{}" not in p for p in r["paraphrase_prompts"])
         same = subjects_by_rel_obj[(rw["relation_id"], rw["target_true"]["str"])] - {rw["subject"]}
-        assert len(r["neighborhood_prompts"]) == min(10, len(same))
+        n_phrasings = len(RELATION_BY_ID[rw["relation_id"]].templates)
+        assert len(r["neighborhood_prompts"]) == min(10, len(same) * n_phrasings) >= 4  # as many as CounterFact
+        assert len(set(r["neighborhood_prompts"])) == len(r["neighborhood_prompts"])  # distinct prompts
+        about = {s for p in r["neighborhood_prompts"] for s in same if s in p}
+        assert len(about) == min(10, len(same))  # every other subject before any repeats
         for p in r["neighborhood_prompts"]:
             assert rw["subject"] not in p and any(s in p for s in same)
+        assert r["attribute_prompts"]  # target_new is some other subject's object
         assert all(isinstance(p, str) for p in r["attribute_prompts"] + r["generation_prompts"])
         assert len(r["generation_prompts"]) == 10
         key = (rw["subject"], rw["relation_id"])
@@ -150,6 +157,26 @@ def test_cache_reuses_the_folder(smoke_folder):
     assert again == smoke_folder
     assert (smoke_folder / "model.safetensors").stat().st_mtime_ns == stamp
     assert not [p for p in smoke_folder.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_cached_world_with_older_records_gets_them_rewritten_without_retraining(smoke_folder, tmp_path):
+    folder = tmp_path / "world" / smoke_folder.name
+    shutil.copytree(smoke_folder, folder)
+    fresh = (folder / "counterfact.json").read_text()
+    meta = json.loads((folder / "world.json").read_text())
+    assert meta["records_version"] == RECORDS_VERSION
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    (folder / "counterfact.json").write_text("[]")
+    (folder / "world.json").write_text(json.dumps({**meta, "records_version": RECORDS_VERSION - 1}))
+    assert ensure_world_model("smoke", tmp_path, progress=False) == folder
+    assert (folder / "counterfact.json").read_text() == fresh
+    assert json.loads((folder / "world.json").read_text())["records_version"] == RECORDS_VERSION
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+    (folder / "world.json").write_text(json.dumps({**meta, "records_version": 1}))  # a corpus the model never saw
+    (folder / "corpus.txt").write_text("something else\n")
+    with pytest.raises(RuntimeError, match="corpus differs"):
+        ensure_world_model("smoke", tmp_path, progress=False)
 
 
 def test_name_words_make_order_siblings():

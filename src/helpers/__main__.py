@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="independent stages (editing cells) run this many at a time (default: 2 on 2+ cores)")
     b = sub.add_parser("build-book", help="build the Jupyter Book (warnings are errors)")
     b.add_argument("--book-dir", type=Path, default=None)
+    c = sub.add_parser("check-book", help="open every built page in headless chromium and check it")
+    c.add_argument("--html", type=Path, default=Path("book/_build/html"), help="the built book's html folder")
     sub.add_parser("profiles", help="list the known profiles")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -34,6 +36,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     elif args.cmd == "build-book":
         pipeline.build_book(args.book_dir)
+    elif args.cmd == "check-book":
+        from .bookcheck import check_book
+
+        found = check_book(args.html, progress=True)
+        bad = {page: probs for page, probs in found.items() if probs}
+        for page, probs in bad.items():
+            print(f"{page}: " + "; ".join(probs), file=sys.stderr)
+        print(f"{len(found) - len(bad)} of {len(found)} pages load with their figures and no placeholder or error text")
+        return 1 if bad else 0
     elif args.cmd == "profiles":
         for name in pipeline.list_profiles():
             prof = pipeline.load_profile(name)

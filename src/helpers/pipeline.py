@@ -257,6 +257,11 @@ def run(
     src = source_hash()
     todo = stages(profile, root)
     n = len(todo)
+    stale = [p for p in out_dir.glob("*.ipynb") if p.stem not in {st.name for st in todo}]
+    for p in stale:  # pages of another profile's run (or a removed stage) would mix into this profile's book
+        p.unlink()
+    if stale:
+        print(f"[pipeline] removed {len(stale)} executed notebooks that are not stages of {profile.name}", flush=True)
     print(f"[pipeline] profile {profile.name}: {n} stages -> {out_dir} ({jobs} at a time where independent)", flush=True)
 
     # Keys: each stage depends on every earlier stage of a *different* notebook.

@@ -135,7 +135,7 @@ def scores_by_layer(edits: pd.DataFrame, metrics: Sequence[str] = ("rewrite", "p
 
 
 def te_scatter(joined: pd.DataFrame, score: str = "rewrite", te: str = "te", ax=None,
-               title: str | None = None) -> plt.Figure:
+               title: str | None = None, xlabel: str | None = None) -> plt.Figure:
     """Edit score against tracing effect (Fig. 4): points, OLS line with 95% CI, dashed y = x."""
     own = ax is None
     fig, ax = (plt.subplots(figsize=(4.6, 4.0)) if own else (ax.figure, ax))
@@ -143,7 +143,7 @@ def te_scatter(joined: pd.DataFrame, score: str = "rewrite", te: str = "te", ax=
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("tracing effect (fraction restored, max over tokens)" if te == "te" else te)
+    ax.set_xlabel(xlabel or ("tracing effect (fraction restored, max over tokens)" if te == "te" else te))
     ax.set_ylabel(METRIC_LABELS.get(score, score))
     if title:
         ax.set_title(title)
@@ -151,15 +151,15 @@ def te_scatter(joined: pd.DataFrame, score: str = "rewrite", te: str = "te", ax=
 
 
 def te_scatter_by_layer(joined: pd.DataFrame, score: str = "rewrite", te: str = "te", col_wrap: int = 4,
-                        layers: Sequence[int] | None = None) -> plt.Figure:
-    """One :func:`te_scatter` panel per central layer (Figs. 15–18)."""
+                        layers: Sequence[int] | None = None, xlabel: str | None = None) -> plt.Figure:
+    """One :func:`te_scatter` panel per central layer (Figs. 15–18, 21–22)."""
     layers = sorted(joined["layer"].unique()) if layers is None else list(layers)
     n = len(layers)
     ncol = min(col_wrap, n)
     nrow = -(-n // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.0 * nrow), squeeze=False, sharex=True, sharey=True)
     for ax, layer in zip(axes.flat, layers):
-        te_scatter(joined[joined["layer"] == layer], score, te, ax=ax, title=f"layer {layer}")
+        te_scatter(joined[joined["layer"] == layer], score, te, ax=ax, title=f"layer {layer}", xlabel=xlabel)
     xlabel = axes.flat[0].get_xlabel()
     for ax in axes.flat:  # one shared x label under the grid (the long per-panel labels overlap)
         ax.set_xlabel("")

@@ -521,15 +521,23 @@ def make_corpus(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fil
 # ----------------------------------------------------------------------------------------------------
 
 
+RECORDS_VERSION = 2  # bump when make_records changes: cached worlds then rewrite their records (no retraining)
+
+
 def make_records(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fillers: list[str],
                  rng: np.random.RandomState) -> list[dict]:
-    """One official-schema record per (subject, relation), shuffled with the seed, case_id = position."""
+    """One official-schema record per (subject, relation), shuffled with the seed, case_id = position.
+
+    As in CounterFact, every record has neighborhood prompts (up to 10, distinct; other subjects with the same
+    relation and true object) and its target_new is an object some other subject has (attribute prompts):
+    facts whose object no other subject shares get no record."""
     by_name = {e.name: e for e in entities}
     by_rel_obj: dict[tuple[str, str], list[str]] = {}
     for e in entities:
         for rid, o in e.attributes.items():
             by_rel_obj.setdefault((rid, o), []).append(e.name)
-    order = rng.permutation(len(facts))
+    order = [fi for fi in rng.permutation(len(facts))  # a fact no other subject shares has no neighborhood
+             if len(by_rel_obj[(facts[fi].relation_id, facts[fi].object)]) > 1]
     records = []
     for pos, fi in enumerate(order):
         f = facts[fi]
@@ -539,13 +547,20 @@ def make_records(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fi
         prompt = rel.templates[t_idx[0]]
         para = [fillers[rng.randint(len(fillers))] + " " + rel.templates[t_idx[1 + j % (len(t_idx) - 1)]].format(f.subject)
                 for j in range(2)]
-        new_choices = [o for o in rel.objects if o != f.object]
+        new_choices = [o for o in rel.objects if o != f.object and by_rel_obj.get((f.relation_id, o))]
         target_new = new_choices[rng.randint(len(new_choices))]
 
         def filled(subjects: list[str], n: int) -> list[str]:
-            subjects = [s for s in subjects if s != f.subject]
-            pick = rng.permutation(len(subjects))[:n]
-            return [rel.templates[rng.randint(len(rel.templates))].format(subjects[i]) for i in pick]
+            """n distinct prompts about other subjects: every subject once (random order, random phrasing),
+            then again with phrasings not used yet, until n or every (subject, phrasing) pair is used."""
+            subjects = [subjects[i] for i in rng.permutation(len(subjects)) if subjects[i] != f.subject]
+            phrasings = [list(rng.permutation(len(rel.templates))) for _ in subjects]
+            out = []
+            for k in range(len(rel.templates)):
+                for sub, ph in zip(subjects, phrasings):
+                    if len(out) < n:
+                        out.append(rel.templates[ph[k]].format(sub))
+            return out
 
         neighborhood = filled(by_rel_obj.get((f.relation_id, f.object), []), 10)
         attribute = filled(by_rel_obj.get((f.relation_id, target_new), []), 10)
