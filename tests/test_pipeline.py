@@ -89,6 +89,14 @@ def test_local_model_path_end_to_end_and_skip(tmp_path, model_dirs, monkeypatch)
     # Unchanged inputs: skipped. A changed profile: re-run.
     again = pipeline.run(profile, book_dir=book, root=ROOT, results_root=tmp_path / "results", only=only)
     assert [r["status"] for r in again] == ["skipped"]
+    # Another profile's run wrote a page of the same name: it is re-run, not taken for this profile's.
+    page = book / "executed" / "01_data.ipynb"
+    nb = __import__("json").loads(page.read_text())
+    assert nb["metadata"]["helpers"]["stage_key"]
+    nb["metadata"]["helpers"]["stage_key"] = "another profile's key"
+    page.write_text(__import__("json").dumps(nb))
+    other = pipeline.run(profile, book_dir=book, root=ROOT, results_root=tmp_path / "results", only=only)
+    assert [r["status"] for r in other] == ["ran"]
     profile.write_text(profile.read_text().replace("max_facts: 3", "max_facts: 2"))
     third = pipeline.run(profile, book_dir=book, root=ROOT, results_root=tmp_path / "results", only=only)
     assert [r["status"] for r in third] == ["ran"]
@@ -177,6 +185,19 @@ def test_book_check_reports_placeholders_and_missing_figures(tmp_path):
     found = bookcheck.check_book(tmp_path)
     assert found["good.html"] == []
     assert found["bad.html"] == ["shows 'glue:text'", "shows '{glue'", "shows '??'", "missing figure missing.png"]
+
+
+def test_book_check_visits_the_pages_of_the_toc_only(tmp_path):
+    from helpers import bookcheck
+
+    html = tmp_path / "book" / "_build" / "html"
+    (html / "executed").mkdir(parents=True)
+    for page in ("intro.html", "executed/02_tracing.html", "executed/03_old_profile.html", "search.html"):
+        (html / page).write_text("<html><body></body></html>")
+    (tmp_path / "book" / "_toc.yml").write_text(
+        "format: jb-book\nroot: intro\nparts:\n- caption: x\n  chapters:\n  - file: executed/02_tracing\n")
+    assert [p.relative_to(html).as_posix() for p in bookcheck.book_pages(html)] == ["executed/02_tracing.html",
+                                                                                   "intro.html"]
 
 
 @pytest.mark.slow

@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "check-book":
         from .bookcheck import check_book
 
-        found = check_book(args.html, progress=True)
+        try:
+            found = check_book(args.html, progress=True)
+        except FileNotFoundError as err:
+            print(f"check-book: {err}", file=sys.stderr)
+            return 2
         bad = {page: probs for page, probs in found.items() if probs}
         for page, probs in bad.items():
             print(f"{page}: " + "; ".join(probs), file=sys.stderr)

@@ -28,20 +28,51 @@ def find_browser() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+def _toc_files(toc: Path) -> set[str]:
+    """Every ``file:`` entry (root included) of a Jupyter Book ``_toc.yml``."""
+    import yaml
+
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("file", "root") and isinstance(v, str):
+                    found.add(v)
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(yaml.safe_load(toc.read_text()))
+    return found
+
+
 def book_pages(html: Path) -> list[Path]:
-    """The book's content pages (not the search/index helpers; ``index.html`` only redirects)."""
+    """The book's content pages (not the search/index helpers; ``index.html`` only redirects). When the book's
+    ``_toc.yml`` is found (``html`` = ``<book>/_build/html``), only its pages: an incremental build leaves the
+    HTML of pages no longer in the book behind."""
+    html = Path(html)
     skip = {"genindex.html", "search.html", "index.html"}
-    return sorted(p for p in Path(html).rglob("*.html") if "_static" not in p.parts and p.name not in skip)
+    pages = [p for p in html.rglob("*.html") if "_static" not in p.parts and p.name not in skip]
+    toc = html.parent.parent / "_toc.yml"
+    if toc.exists():
+        listed = _toc_files(toc)
+        pages = [p for p in pages if str(p.relative_to(html).with_suffix("")) in listed]
+    return sorted(pages)
 
 
 def check_page(browser: str, page: Path, profile_dir: Path, timeout: float = 120) -> list[str]:
     """Problems found on one page (empty when it is fine)."""
-    out = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile_dir}", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=timeout,
-    )
+    try:
+        out = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile_dir}", "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return [f"the browser did not finish loading it in {timeout:.0f} s"]
     dom = out.stdout
     if out.returncode != 0 or "<body" not in dom:
         return [f"the browser failed to load it: {out.stderr[-500:]}"]

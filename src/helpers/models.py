@@ -204,7 +204,7 @@ def load_model(
     then loads it with ``torch.load(weights_only=True)``). A local folder is always loaded offline. The
     tokenizer gets pad = eos when it has no pad token, and no BOS is added by our code. ``fused_gelu``
     runs GPT-2-style models' tanh-GELU with torch's kernel (:func:`use_fused_gelu`; same function to 2.4e-7,
-    ~10% faster editing on a CPU); ``False`` keeps transformers' module.
+    editing 15-20% faster on a CPU); ``False`` keeps transformers' module.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -208,7 +208,7 @@ class StageFailed(RuntimeError):
     """A notebook raised; the message names the cell's error and the partial notebook's path."""
 
 
-def _execute(st: Stage, params: dict, dest: Path, root: Path) -> None:
+def _execute(st: Stage, params: dict, dest: Path, root: Path, key: str = "") -> None:
     import papermill as pm
 
     try:
@@ -227,7 +227,7 @@ def _execute(st: Stage, params: dict, dest: Path, root: Path) -> None:
             f"stage {st.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
             f"partial notebook: {dest}"
         ) from None
-    _prepare_for_book(dest, st.title)
+    _prepare_for_book(dest, st.title, key)
 
 
 def run(
@@ -286,7 +286,8 @@ def run(
             stamp, dest = res / ".stages" / f"{st.name}.json", out_dir / f"{st.name}.ipynb"
             if only is not None and not any(st.name.startswith(o) for o in only):
                 continue
-            if not force and dest.exists() and stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
+            if (not force and stamp.exists() and json.loads(stamp.read_text()).get("key") == key
+                    and executed_key(dest) == key):
                 print(f"[pipeline] ({k + 1}/{n}) {st.name}: unchanged, skipped", flush=True)
                 report.append({"stage": st.name, "status": "skipped", "seconds": 0.0})
                 continue
@@ -297,7 +298,7 @@ def run(
             stamp.unlink(missing_ok=True)
             print(f"[pipeline] ({k + 1}/{n}) {st.name}: running {st.notebook.name} ...", flush=True)
             t0 = time.perf_counter()
-            _execute(st, params, dest, root)
+            _execute(st, params, dest, root, key)
             dt = time.perf_counter() - t0
             stamp.write_text(json.dumps({"key": key, "seconds": dt}))
             print(f"[pipeline] ({k + 1}/{n}) {st.name}: done in {dt:.1f} s", flush=True)
@@ -334,12 +335,22 @@ def run(
     return report
 
 
-def _prepare_for_book(path: Path, title: str | None) -> None:
+def executed_key(path: Path) -> str | None:
+    """The stage key stored in an executed notebook (None if absent or unreadable)."""
+    try:
+        return json.loads(path.read_text()).get("metadata", {}).get("helpers", {}).get("stage_key")
+    except (OSError, ValueError):
+        return None
+
+
+def _prepare_for_book(path: Path, title: str | None, key: str = "") -> None:
     """Make an executed notebook read like a chapter: code collapsed (``hide-input``), parameter cells removed
-    from the page, and (for editing cells) its first heading replaced by ``title``."""
+    from the page, and (for editing cells) its first heading replaced by ``title``. Stores the stage ``key`` in
+    the notebook's metadata, so a page written by another profile's run is never taken for this one's."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
+    nb.metadata["helpers"] = {"stage_key": key}
     for cell in nb.cells:
         if cell.cell_type == "code":
             tags = cell.metadata.setdefault("tags", [])

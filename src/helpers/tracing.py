@@ -431,7 +431,7 @@ def _score_suffix(model: nn.Module, fact: Fact, x: torch.Tensor, first: int) -> 
     xs = x[:, :, first : first + Ty].reshape(G * N, Ty, -1)  # positions scoring the target tokens
     logits = module(model, "unembed")(module(model, "final_norm")(xs))
     logp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
-    target = fact.ids[T : T + Ty].view(1, Ty, 1).expand(G * N, Ty, 1)  # every row scores the same tokens
+    target = fact.ids[T : T + Ty].to(logp.device).view(1, Ty, 1).expand(G * N, Ty, 1)  # same tokens in every row
     return logp.gather(-1, target).sum((1, 2)).exp().reshape(G, N).mean(1)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .generate import RECORDS_VERSION, World, WorldConfig, build_world, config_hash, record_frequency
+from .generate import GENERATOR_VERSION, World, WorldConfig, build_world, config_hash, record_frequency
 from .tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -342,7 +342,6 @@ def ensure_world_model(preset: str, cache_dir: Path | str, world_cfg: WorldConfi
     folder = world_folder(preset, cache_dir, wc, tc)
     if (folder / "world.json").exists():
         log.info("world model cached at %s", folder)
-        refresh_records(folder, wc)
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
@@ -363,7 +362,7 @@ def ensure_world_model(preset: str, cache_dir: Path | str, world_cfg: WorldConfi
         write_facts(world, tmp / "facts.csv")
         meta = {
             "preset": preset, "world": wc.to_dict(), "train": tc.to_dict(), "hash": config_hash(wc, tc),
-            "n_records": len(world.records), "records_version": RECORDS_VERSION, "n_documents": len(world.corpus),
+            "n_records": len(world.records), "generator_version": GENERATOR_VERSION, "n_documents": len(world.corpus),
             "train_tokens": rows[-1]["tokens"], "train_seconds": round(t2 - t1, 1),
             "build_seconds": round(t1 - t0, 1), "torch_threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
@@ -378,32 +377,6 @@ def ensure_world_model(preset: str, cache_dir: Path | str, world_cfg: WorldConfi
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
-
-
-def refresh_records(folder: Path, wc: WorldConfig) -> bool:
-    """Rewrite a cached world's ``counterfact.json`` and ``facts.csv`` when they were made by an older
-    :func:`~helpers.world.generate.make_records` (``records_version`` in ``world.json``). The corpus, and so
-    the tokenizer and model, come before the records in :func:`build_world` and do not change. Each file is
-    replaced atomically, ``world.json`` last, so an interrupted refresh is redone. Returns True if rewritten."""
-    meta = json.loads((folder / "world.json").read_text())
-    if meta.get("records_version", 1) == RECORDS_VERSION:
-        return False
-    world = build_world(wc)
-    if (folder / "corpus.txt").read_text() != "".join(d.replace("\n", " ") + "\n" for d in world.corpus):
-        raise RuntimeError(f"{folder}: the regenerated corpus differs from the one the model was trained on; "
-                           "delete the folder to retrain")
-    log.info("world records at %s are version %s: rewriting them as version %d (%d records)", folder,
-             meta.get("records_version", 1), RECORDS_VERSION, len(world.records))
-    for name, write in (("counterfact.json", lambda p: p.write_text(json.dumps(world.records))),
-                        ("facts.csv", lambda p: write_facts(world, p))):
-        tmp = folder / f".{name}.tmp"
-        write(tmp)
-        os.replace(tmp, folder / name)
-    meta.update(n_records=len(world.records), records_version=RECORDS_VERSION)
-    tmp = folder / ".world.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / "world.json")
-    return True
 
 
 def write_facts(world: World, path: Path) -> None:
