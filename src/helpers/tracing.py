@@ -365,9 +365,12 @@ def _gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
 def _mlp_fn(blk: nn.Module):
     """The block's MLP; GPT-2's tanh-approximated GELU is run as :func:`_gelu_tanh_` (same formula)."""
     mlp = blk.mlp
-    if type(mlp.act).__name__ in ("NewGELUActivation", "TanhGELU", "GELUTanh", "PytorchGELUTanh"):
+    if type(mlp.act).__name__ not in ("NewGELUActivation", "TanhGELU", "GELUTanh", "PytorchGELUTanh"):
+        return mlp
+    if mlp.c_fc.weight.dtype in (torch.float32, torch.float64):
         return lambda h: mlp.c_proj(_gelu_tanh_(mlp.c_fc(h)))
-    return mlp
+    # half precision: one fused kernel rounds once, the in-place chain would round at every step
+    return lambda h: mlp.c_proj(torch.nn.functional.gelu(mlp.c_fc(h), approximate="tanh"))
 
 
 def _gpt2_block(
