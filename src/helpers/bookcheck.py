@@ -10,14 +10,11 @@ page as rendered, after its scripts ran.
 
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 #: Text that must not appear on a rendered page: unresolved glue, Python errors, Sphinx's missing-reference "??".
 BAD_TEXT = ("Traceback (most recent call last)", "NameError", "glue:text", "{glue", "Error: ", "??")

@@ -257,7 +257,8 @@ def run(
     src = source_hash()
     todo = stages(profile, root)
     n = len(todo)
-    stale = [p for p in out_dir.glob("*.ipynb") if p.stem not in {st.name for st in todo}]
+    names = {st.name for st in todo}
+    stale = [p for p in out_dir.glob("*.ipynb") if p.stem not in names]
     for p in stale:  # pages of another profile's run (or a removed stage) would mix into this profile's book
         p.unlink()
     if stale:

@@ -104,9 +104,14 @@ def make_batch(
     return Batch(ids, mask, pos, plen, tlen, starts)
 
 
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the last axis, in float32 at least (float64 logits stay float64)."""
+    return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+
+
 def target_token_logprobs(logits: torch.Tensor, batch: Batch) -> list[torch.Tensor]:
     """Per-row log p of each target token, from logits (B, T, V) of a prompt‖target batch."""
-    logp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    logp = log_probs(logits)
     out = []
     for i in range(logits.shape[0]):
         s, p, t = batch.start[i], batch.prompt_len[i], batch.target_len[i]

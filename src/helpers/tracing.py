@@ -39,7 +39,7 @@ from torch import nn
 from .hooks import trace
 from .models import PAPER_NOISE, arch_of, module, module_name, n_layers
 from .models import window as models_window
-from .scoring import Batch, encode, make_batch, target_logprob_from_logits
+from .scoring import Batch, encode, log_probs, make_batch, target_logprob_from_logits
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ def _score_suffix(model: nn.Module, fact: Fact, x: torch.Tensor, first: int) -> 
     T, Ty = fact.prompt_len, fact.target_len
     xs = x[:, :, first : first + Ty].reshape(G * N, Ty, -1)  # positions scoring the target tokens
     logits = module(model, "unembed")(module(model, "final_norm")(xs))
-    logp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    logp = log_probs(logits)
     target = fact.ids[T : T + Ty].to(logp.device).view(1, Ty, 1).expand(G * N, Ty, 1)  # same tokens in every row
     return logp.gather(-1, target).sum((1, 2)).exp().reshape(G, N).mean(1)
 

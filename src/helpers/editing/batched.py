@@ -125,7 +125,7 @@ class _Targets:
     def token_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, t) log p of each target token (0 beyond a row's target)."""
         lg = logits[self.rows, self.cols]
-        lp = torch.log_softmax(lg if lg.dtype == torch.float64 else lg.float(), -1)
+        lp = scoring.log_probs(lg)
         return lp.gather(-1, self.ids[..., None])[..., 0] * self.mask
 
     def sums(self, logits: torch.Tensor) -> torch.Tensor:

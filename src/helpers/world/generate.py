@@ -539,11 +539,11 @@ def make_records(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fi
     for e in entities:
         for rid, o in e.attributes.items():
             by_rel_obj.setdefault((rid, o), []).append(e.name)
-    def usable(f: Fact) -> bool:  # some other subject shares its object (neighborhood) and has another (target_new)
-        others = [o for o in RELATION_BY_ID[f.relation_id].objects if o != f.object]
-        return len(by_rel_obj[(f.relation_id, f.object)]) > 1 and any(by_rel_obj.get((f.relation_id, o)) for o in others)
+    def new_objects(f: Fact) -> list[str]:  # target_new candidates: other objects some subject has
+        return [o for o in RELATION_BY_ID[f.relation_id].objects if o != f.object and by_rel_obj.get((f.relation_id, o))]
 
-    order = [fi for fi in rng.permutation(len(facts)) if usable(facts[fi])]
+    order = [fi for fi in rng.permutation(len(facts))  # a neighborhood and a target_new must exist
+             if len(by_rel_obj[(facts[fi].relation_id, facts[fi].object)]) > 1 and new_objects(facts[fi])]
     records = []
     for pos, fi in enumerate(order):
         f = facts[fi]
@@ -553,7 +553,7 @@ def make_records(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fi
         prompt = rel.templates[t_idx[0]]
         para = [fillers[rng.randint(len(fillers))] + " " + rel.templates[t_idx[1 + j % (len(t_idx) - 1)]].format(f.subject)
                 for j in range(2)]
-        new_choices = [o for o in rel.objects if o != f.object and by_rel_obj.get((f.relation_id, o))]
+        new_choices = new_objects(f)
         target_new = new_choices[rng.randint(len(new_choices))]
 
         def filled(subjects: list[str], n: int) -> list[str]:
