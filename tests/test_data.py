@@ -29,7 +29,9 @@ def test_loads_official_schema_and_flattens(raw):
 
 def test_first_n_and_folder(raw, tmp_path):
     (tmp_path / "counterfact.json").write_text(json.dumps(raw))
-    assert len(data.load_counterfact(tmp_path, n=2)) == 2
+    first = data.load_counterfact(tmp_path, n=2)
+    assert [r.case_id for r in first] == [raw[0]["case_id"], raw[1]["case_id"]]  # the file's first two, in order
+    assert [r.to_json() for r in first] == raw[:2]
 
 
 @pytest.mark.parametrize(

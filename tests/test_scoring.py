@@ -61,6 +61,11 @@ def test_topk_sampling_is_seeded_and_respects_total_length(lm):
     assert a == b
     n_prompt = len(scoring.encode(tok, "Toko Yasuda, the"))
     assert len(scoring.encode(tok, a[0])) <= 12 - n_prompt + 1
+    # top-k = 1 is greedy decoding, whatever the seed
+    greedy = scoring.generate(model, tok, ["Toko Yasuda, the"], max_new_tokens=6)
+    assert scoring.generate(model, tok, ["Toko Yasuda, the"], max_new_tokens=6, top_k=1, seed=11) == greedy
+    seen = {scoring.generate(model, tok, ["Toko Yasuda, the"], max_new_tokens=3, top_k=5, seed=k)[0] for k in range(6)}
+    assert len(seen) > 1  # different seeds sample different continuations
     # A prompt already at max_out_len tokens gets no continuation (the published sampler's behaviour).
     assert scoring.generate(model, tok, ["Toko Yasuda, the"], max_out_len=n_prompt, top_k=5) == [""]
 

@@ -163,9 +163,15 @@ def test_pre_edit_quantities_are_cached_per_problem(lm, facts, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("method, problem", [("rome", "ei"), ("ft5", "fe"), ("memit", "ff")])
-def test_batched_sweep_equals_one_edit_at_a_time(lm, facts, tmp_path, method, problem):
+def test_batched_sweep_equals_one_edit_at_a_time(lm, facts, tmp_path, monkeypatch, method, problem):
     model, tok = lm
     fs = facts.head(3)
+    if problem == "fe":  # a random model's p(o_true) is far below FT's 1e-2 loss floor, so FT would never step:
+        from helpers.editing import batched, finetune  # a one-token o_true (p ~ 1/vocab) and no floor
+
+        fs = fs.assign(target_true="a")
+        monkeypatch.setattr(finetune, "LOSS_FLOOR", 0.0)
+        monkeypatch.setattr(batched, "LOSS_FLOOR", 0.0)
     corpus = [p.format(s) + " " + t for p, s, t in zip(facts["prompt"], facts["subject"], facts["target_true"])] * 10
     stats = editing.SecondMoments(model, tok, corpus, n_tokens=300, cache_dir=tmp_path / "cache")
     templates = editing.context_templates(model, tok, cache_dir=tmp_path / "cache")
@@ -174,4 +180,46 @@ def test_batched_sweep_equals_one_edit_at_a_time(lm, facts, tmp_path, method, pr
     many = sweep.run_cell(model, tok, fs, _cell(method, problem, batch_size=3), tmp_path / "b.parquet", tmp_path,
                           stats, templates)
     assert (one["status"] == "ok").all()
+    moved = (one["rewrite_post"] - one["rewrite_pre"]) / one["rewrite_pre"]
+    assert (moved.abs() > 1e-3).all(), "every edit changes p(target) (else the parity is vacuous)"
+    if problem == "fe":
+        assert (moved < 0).all()
     pd.testing.assert_frame_equal(_without_time(one), _without_time(many), rtol=1e-5)
+
+
+def _hand_prob(model, tok, prompt: str, target: str) -> float:
+    """p(" " + target | prompt) from one unpadded forward pass and a hand log-softmax (no helpers.scoring)."""
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    t_ids = tok(" " + target, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([p_ids + t_ids])).logits[0].double()
+    lp = logits - torch.logsumexp(logits, -1, keepdim=True)
+    return float(sum(lp[len(p_ids) - 1 + i, t] for i, t in enumerate(t_ids)).exp())
+
+
+def test_measure_equals_a_hand_computation(lm, facts):
+    """Every probability measure() reports is p(the right target | the right prompt), checked against an
+    independent one-prompt-at-a-time computation; the essence perplexity against a hand perplexity."""
+    model, tok = lm
+    f = facts.iloc[0]
+    task = make_task(model, tok, f, "ei", SIGMA)
+    texts = [f"{f['subject']} is a person from the city", f"{f['subject']} is a"]
+    m = evaluation.measure(model, tok, task, f, texts)
+    prompt = f["prompt"].format(f["subject"])
+    assert m["rewrite"] == pytest.approx(_hand_prob(model, tok, prompt, f["target_new"]), rel=1e-5)
+    assert m["rewrite_base"] == pytest.approx(_hand_prob(model, tok, prompt, f["target_true"]), rel=1e-5)
+    for got, base, p in zip(m["paraphrase"], m["paraphrase_base"], f["paraphrase_prompts"], strict=True):
+        assert got == pytest.approx(_hand_prob(model, tok, p, f["target_new"]), rel=1e-5)
+        assert base == pytest.approx(_hand_prob(model, tok, p, f["target_true"]), rel=1e-5)
+    # neighbours: target_new = o_false (the paper's neighborhood target) and o_true for the base
+    for got, base, p in zip(m["neighborhood"], m["neighborhood_base"], f["neighborhood_prompts"], strict=True):
+        assert got == pytest.approx(_hand_prob(model, tok, p, f["target_new"]), rel=1e-5)
+        assert base == pytest.approx(_hand_prob(model, tok, p, f["target_true"]), rel=1e-5)
+    ppls = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+        lp = (logits - torch.logsumexp(logits, -1, keepdim=True))[:-1].gather(1, torch.tensor(ids[1:])[:, None])
+        ppls.append(float(torch.exp(-lp.sum() / len(ids))))  # the official code divides by N, not N - 1
+    assert m["essence_ppl"] == pytest.approx(sum(ppls) / len(ppls), rel=1e-5)

@@ -364,19 +364,50 @@ def test_concentrated_known_answers():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_other_architectures_fall_back_to_reference(tok, caplog):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def _tiny_other_arch(arch: str, vocab: int):
+    """A random 2-layer model of another architecture (float64, so the reference path's known answers are exact)."""
+    import transformers as T
 
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
-    neox = GPTNeoXForCausalLM(cfg).eval().requires_grad_(False)
-    assert not tr.fast_path_supported(neox)
+    if arch == "gpt_neox":
+        cfg = T.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+        m = T.GPTNeoXForCausalLM(cfg)
+    elif arch == "gptj":
+        cfg = T.GPTJConfig(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64,
+                           bos_token_id=0, eos_token_id=0)
+        m = T.GPTJForCausalLM(cfg)
+    else:
+        cfg = T.LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                            bos_token_id=0, eos_token_id=0)
+        m = T.LlamaForCausalLM(cfg)
+    return m.double().eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "gptj", "llama"])
+def test_other_architectures_fall_back_to_reference(tok, caplog, arch):
+    model = _tiny_other_arch(arch, len(tok))
+    assert not tr.fast_path_supported(model)
     with caplog.at_level(logging.WARNING, logger="helpers.tracing"):
-        table = tr.trace_facts(neox, tok, FACTS.head(1), kinds=["mlp", "attn", "hidden"], windows=[1],
+        table = tr.trace_facts(model, tok, FACTS.head(1), kinds=["mlp", "attn", "hidden"], windows=[1, 10],
                                sigma=0.5, progress=False)
-    assert "reference path" in caplog.text or "gpt_neox" in tr._warned_fallback
-    assert len(table) == 3 * fact(tok, 0).prompt_len * 2 and not table.isna().any().any()
+    assert "reference path" in caplog.text or arch in tr._warned_fallback
+    f = fact(tok, 0)
+    assert len(table) == 3 * 2 * f.prompt_len * 2 and not table.isna().any().any()
+    p_clean, p_corrupt = table["p_clean"].iloc[0], table["p_corrupt"].iloc[0]
+    assert abs(p_clean - p_corrupt) > 1e-6 * p_clean  # the noise changes the prediction
+    # known answers of the module names used for this architecture:
+    last = table[(table["token_idx"] == f.prompt_len - 1) & (table["layer"] == 1)]
+    # the last block's output at the last token is all the logits read: restoring it gives p_clean exactly
+    assert last[(last["kind"] == "hidden") & (last["window"] == 1)]["p_restored"].item() == pytest.approx(p_clean, rel=1e-9)
+    # restoring every MLP (window 10 covers both layers) at a token before the subject changes nothing
+    before = table[(table["token_idx"] < f.b) & (table["kind"] == "mlp")]
+    if len(before):
+        assert np.allclose(before["p_restored"], p_corrupt, rtol=1e-9)
+    # restoring a subject token's first-layer hidden state moves the prediction (the noise enters there)
+    sub = table[(table["kind"] == "hidden") & (table["window"] == 1) & table["is_subject"] & (table["layer"] == 0)]
+    assert (sub["p_restored"] - p_corrupt).abs().max() > 1e-9
 
 
 def test_tracing_figures(tok, model32):
