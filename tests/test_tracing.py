@@ -16,6 +16,7 @@ import torch
 from helpers import tracing as tr
 from helpers.hooks import trace
 from helpers.models import module_name
+from conftest import tiny_model
 
 torch.set_num_threads(1)
 
@@ -364,30 +365,9 @@ def test_concentrated_known_answers():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tiny_other_arch(arch: str, vocab: int):
-    """A random 2-layer model of another architecture (float64, so the reference path's known answers are exact)."""
-    import transformers as T
-
-    torch.manual_seed(0)
-    if arch == "gpt_neox":
-        cfg = T.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=64, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
-        m = T.GPTNeoXForCausalLM(cfg)
-    elif arch == "gptj":
-        cfg = T.GPTJConfig(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64,
-                           bos_token_id=0, eos_token_id=0)
-        m = T.GPTJForCausalLM(cfg)
-    else:
-        cfg = T.LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                            bos_token_id=0, eos_token_id=0)
-        m = T.LlamaForCausalLM(cfg)
-    return m.double().eval().requires_grad_(False)
-
-
 @pytest.mark.parametrize("arch", ["gpt_neox", "gptj", "llama"])
 def test_other_architectures_fall_back_to_reference(tok, caplog, arch):
-    model = _tiny_other_arch(arch, len(tok))
+    model = tiny_model(arch, len(tok), n_layer=2).double().eval().requires_grad_(False)  # float64: exact answers
     assert not tr.fast_path_supported(model)
     with caplog.at_level(logging.WARNING, logger="helpers.tracing"):
         table = tr.trace_facts(model, tok, FACTS.head(1), kinds=["mlp", "attn", "hidden"], windows=[1, 10],
