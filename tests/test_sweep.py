@@ -187,13 +187,18 @@ def test_batched_sweep_equals_one_edit_at_a_time(lm, facts, tmp_path, monkeypatc
     pd.testing.assert_frame_equal(_without_time(one), _without_time(many), rtol=1e-5)
 
 
+def _hand_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """(T, V) float64 log-softmax of one unpadded forward pass (no helpers.scoring)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    return logits - torch.logsumexp(logits, -1, keepdim=True)
+
+
 def _hand_prob(model, tok, prompt: str, target: str) -> float:
-    """p(" " + target | prompt) from one unpadded forward pass and a hand log-softmax (no helpers.scoring)."""
+    """p(" " + target | prompt), product over the target's tokens."""
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     t_ids = tok(" " + target, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([p_ids + t_ids])).logits[0].double()
-    lp = logits - torch.logsumexp(logits, -1, keepdim=True)
+    lp = _hand_logprobs(model, p_ids + t_ids)
     return float(sum(lp[len(p_ids) - 1 + i, t] for i, t in enumerate(t_ids)).exp())
 
 
@@ -218,8 +223,6 @@ def test_measure_equals_a_hand_computation(lm, facts):
     ppls = []
     for t in texts:
         ids = tok(t, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0].double()
-        lp = (logits - torch.logsumexp(logits, -1, keepdim=True))[:-1].gather(1, torch.tensor(ids[1:])[:, None])
+        lp = _hand_logprobs(model, ids)[:-1].gather(1, torch.tensor(ids[1:])[:, None])
         ppls.append(float(torch.exp(-lp.sum() / len(ids))))  # the official code divides by N, not N - 1
     assert m["essence_ppl"] == pytest.approx(sum(ppls) / len(ppls), rel=1e-5)

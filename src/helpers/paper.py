@@ -37,6 +37,8 @@ METRICS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood", "overall")
 N_POINTS: int = 652
 N_FACT_ERASURE: int = 489
 N_CONCENTRATED: int = 74
+#: GPT-J's central layers edited per fact (0-idx {0, 4, 8, 12, 16, 20, 24, 27} plus {5}, SCIENCE.md §5).
+N_EDIT_LAYERS: int = 9
 
 REGRESSION_COLUMNS: tuple[str, ...] = (
     "table", "problem", "method", "metric", "r2_layer", "r2_trace", "r2_both", "diff", "p_value", "p_is_bound", "n", "note",

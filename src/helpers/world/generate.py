@@ -542,8 +542,9 @@ def make_records(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fi
     def new_objects(f: Fact) -> list[str]:  # target_new candidates: other objects some subject has
         return [o for o in RELATION_BY_ID[f.relation_id].objects if o != f.object and by_rel_obj.get((f.relation_id, o))]
 
+    choices = {fi: new_objects(f) for fi, f in enumerate(facts)}
     order = [fi for fi in rng.permutation(len(facts))  # a neighborhood and a target_new must exist
-             if len(by_rel_obj[(facts[fi].relation_id, facts[fi].object)]) > 1 and new_objects(facts[fi])]
+             if len(by_rel_obj[(facts[fi].relation_id, facts[fi].object)]) > 1 and choices[fi]]
     records = []
     for pos, fi in enumerate(order):
         f = facts[fi]
@@ -553,7 +554,7 @@ def make_records(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fi
         prompt = rel.templates[t_idx[0]]
         para = [fillers[rng.randint(len(fillers))] + " " + rel.templates[t_idx[1 + j % (len(t_idx) - 1)]].format(f.subject)
                 for j in range(2)]
-        new_choices = new_objects(f)
+        new_choices = choices[fi]
         target_new = new_choices[rng.randint(len(new_choices))]
 
         def filled(subjects: list[str], n: int) -> list[str]:
