@@ -310,7 +310,8 @@ WORLD_PRESETS: dict[str, tuple[WorldConfig, TrainConfig]] = {
     ),
     "default": (
         WorldConfig(seed=0, n_person=80, n_athlete=30, n_product=30, n_organization=20, n_region=20,
-                    n_first_names=12, total_mentions=8000, n_name_syllables=85, n_siblings=1),
+                    n_first_names=12, total_mentions=8000, n_name_syllables=85, n_siblings=1,
+                    p_distractor=0.8),  # session 6: was 0.3; enrichment 1.4% -> 9.9% (world_experiments.csv e20)
         TrainConfig(seed=0, n_layer=8, n_embd=128, n_head=4, batch_size=16, epochs=24, lr=2e-3),
     ),
 }
