@@ -166,6 +166,37 @@ def test_generator_version_is_part_of_the_cache_key(monkeypatch, tmp_path):
     assert world_folder("smoke", tmp_path) != before  # a world made by other generator code is not reused
 
 
+def test_added_options_at_their_defaults_keep_the_cache_key():
+    """Options added after worlds were cached leave the key unchanged at their defaults and change it otherwise."""
+    import hashlib
+
+    from helpers.world.generate import GENERATOR_VERSION, config_hash
+
+    wc, tc = WORLD_PRESETS["default"]
+    legacy = {k: v for k, v in dataclasses.asdict(wc).items() if k not in ("n_distractors", "distractor_relation_first")}
+    blob = json.dumps([GENERATOR_VERSION, legacy, dataclasses.asdict(tc)], sort_keys=True)
+    assert config_hash(wc, tc) == hashlib.sha256(blob.encode()).hexdigest()[:12]
+    assert config_hash(dataclasses.replace(wc, n_distractors=2), tc) != config_hash(wc, tc)
+
+
+def test_distractor_options_shape_the_sentences():
+    """Two look-alikes per clause, and the clause inside relation-first phrasings; records stay valid."""
+    import re
+
+    base = dataclasses.replace(SMOKE_WORLD, p_distractor=0.8)
+    cfg = dataclasses.replace(base, n_distractors=2, distractor_relation_first=True)
+    w = build_world(cfg)
+    names = sorted((e.name for e in w.entities), key=len, reverse=True)
+    alt = "|".join(re.escape(n) for n in names)
+    sentences = [x for d in w.corpus for x in re.split(r"(?<=\.) ", d)]
+    two = [x for x in sentences if re.match(rf"({alt}), [a-z ]+ ({alt}) and ({alt}), ", x)]
+    rel_first = [x for x in sentences if re.match(rf"[A-Z][a-z]+[^,]* ({alt}), [a-z ]+ ({alt})( and ({alt}))?, [a-z]", x)]
+    assert len(two) >= 20 and len(rel_first) >= 5, (len(two), len(rel_first))
+    assert not any(re.search(rf"({alt}) and ({alt}), ", x) for x in build_world(base).corpus)  # one look-alike by default
+    assert len(w.records) > 50 and all(r["requested_rewrite"]["subject"] in r["requested_rewrite"]["prompt"].format(
+        r["requested_rewrite"]["subject"]) for r in w.records)
+
+
 def test_name_words_make_order_siblings():
     """With ``name_words``, person names are orderings of three pool words: siblings share their bag of words."""
     cfg = dataclasses.replace(WORLD_PRESETS["smoke"][0], name_words=12, n_siblings=3)

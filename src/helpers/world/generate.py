@@ -203,6 +203,9 @@ class WorldConfig:
     p_subject_first: float = 0.75  # chance a fact sentence uses a subject-first phrasing
     p_filler: float = 0.3  # chance a document has an unrelated sentence
     max_subjects_per_doc: int = 3
+    # Added in session 6 (see :func:`config_hash`: at their defaults they leave the cache key unchanged).
+    n_distractors: int = field(default=1, metadata={"added": True})  # look-alikes per distractor clause (1 or 2)
+    distractor_relation_first: bool = field(default=False, metadata={"added": True})  # clause in relation-first sentences too
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -421,15 +424,34 @@ def _subject_sentences(ent: Entity, rids: list[str], cfg: WorldConfig, rng: np.r
             pred = _predicate(RELATION_BY_ID[a], ent.attributes[a], rng)
             v = rng.rand()
             if subject_first and pred is not None and lookalikes and v < cfg.p_distractor:
-                other = lookalikes[rng.randint(len(lookalikes))]
-                link = DISTRACTOR_LINKS[rng.randint(len(DISTRACTOR_LINKS))]
-                out.append(f"{ent.name}, {link} {other}, {pred}.")
+                out.append(f"{ent.name}, {_distractor_clause(lookalikes, cfg, rng)}, {pred}.")
+            elif (cfg.distractor_relation_first and not subject_first and lookalikes and v < cfg.p_distractor
+                  and (t := _relation_first_template(RELATION_BY_ID[a], rng)) is not None):
+                # "The mother tongue of X, a friend of Y, is French."
+                name = f"{ent.name}, {_distractor_clause(lookalikes, cfg, rng)},"
+                out.append(t.format(name) + " " + ent.attributes[a] + ".")
             elif subject_first and pred is not None and v < cfg.p_distractor + cfg.p_interject:
                 aside = INTERJECTIONS[rng.randint(len(INTERJECTIONS))]
                 out.append(f"{ent.name}, {aside}, {pred}.")
             else:
                 out.append(_fact_sentence(RELATION_BY_ID[a], ent.name, ent.attributes[a], rng, subject_first))
     return out
+
+
+def _distractor_clause(lookalikes: list[str], cfg: WorldConfig, rng: np.random.RandomState) -> str:
+    """'a friend of Y' (or 'a friend of Y and Z' with ``n_distractors`` 2), Y and Z look-alikes of the subject."""
+    other = lookalikes[rng.randint(len(lookalikes))]
+    link = DISTRACTOR_LINKS[rng.randint(len(DISTRACTOR_LINKS))]
+    if cfg.n_distractors >= 2 and len(lookalikes) >= 2:
+        rest = [n for n in lookalikes if n != other]
+        other = f"{other} and {rest[rng.randint(len(rest))]}"
+    return f"{link} {other}"
+
+
+def _relation_first_template(rel: Relation, rng: np.random.RandomState) -> str | None:
+    """A phrasing that names the relation before the subject and goes on after it, or None."""
+    pool = [t for t in rel.templates if not t.startswith("{}") and "{} " in t]
+    return pool[rng.randint(len(pool))] if pool else None
 
 
 def find_lookalikes(entities: list[Entity]) -> dict[str, list[str]]:
@@ -617,6 +639,13 @@ def record_frequency(world: World) -> list[int]:
 
 
 def config_hash(*configs: Any) -> str:
-    """Short stable hash of dataclass configs and :data:`GENERATOR_VERSION` (keys the model cache)."""
-    blob = json.dumps([GENERATOR_VERSION] + [dataclasses.asdict(c) for c in configs], sort_keys=True)
+    """Short stable hash of dataclass configs and :data:`GENERATOR_VERSION` (keys the model cache).
+
+    A field marked ``metadata={"added": True}`` (an option added after worlds were cached, whose default keeps
+    the old behaviour) is left out while it has its default value, so existing cache keys stay valid."""
+    def key(c: Any) -> dict[str, Any]:
+        return {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
+                if not (f.metadata.get("added") and getattr(c, f.name) == f.default)}
+
+    blob = json.dumps([GENERATOR_VERSION] + [key(c) for c in configs], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
