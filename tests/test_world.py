@@ -173,10 +173,12 @@ def test_added_options_at_their_defaults_keep_the_cache_key():
     from helpers.world.generate import GENERATOR_VERSION, config_hash
 
     wc, tc = WORLD_PRESETS["default"]
-    legacy = {k: v for k, v in dataclasses.asdict(wc).items() if k not in ("n_distractors", "distractor_relation_first")}
+    base = dataclasses.replace(wc, **{f.name: f.default for f in dataclasses.fields(wc) if f.metadata.get("added")})
+    legacy = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if not f.metadata.get("added")}
     blob = json.dumps([GENERATOR_VERSION, legacy, dataclasses.asdict(tc)], sort_keys=True)
-    assert config_hash(wc, tc) == hashlib.sha256(blob.encode()).hexdigest()[:12]
-    assert config_hash(dataclasses.replace(wc, n_distractors=2), tc) != config_hash(wc, tc)
+    assert config_hash(base, tc) == hashlib.sha256(blob.encode()).hexdigest()[:12]
+    for change in ({"n_distractors": 2}, {"p_holdout": 0.5}):
+        assert config_hash(dataclasses.replace(base, **change), tc) != config_hash(base, tc)
 
 
 def test_distractor_options_shape_the_sentences():
@@ -216,3 +218,33 @@ def test_name_mask_schedule():
     cfg = dataclasses.replace(SMOKE_TRAIN, p_name_mask=1.0, name_mask_hold=0.5, name_mask_end=0.75)
     assert [mask_share(s, 100, cfg) for s in (0, 49, 50, 60, 75, 99)] == pytest.approx([1.0, 1.0, 1.0, 0.6, 0.0, 0.0])
     assert mask_share(99, 100, SMOKE_TRAIN) == 0.0  # off by default
+
+
+def test_held_out_facts_never_appear_in_a_relation_phrasing():
+    """With ``p_holdout``, a held-out fact is stated only in attribute forms: no sentence about its subject uses
+    one of the relation's phrasings, while the fact's object still follows the subject's name somewhere."""
+    import re
+
+    import numpy as np
+
+    cfg = dataclasses.replace(SMOKE_WORLD, p_holdout=0.5)
+    w = build_world(cfg)
+    rng = np.random.RandomState(cfg.seed + 7919)  # the generator's own hold-out stream
+    held = [f for f in w.facts if rng.rand() < cfg.p_holdout]
+    held = [f for f in held if f.frequency > 0]
+    assert len(held) >= 10
+    sentences = [x for d in w.corpus for x in re.split(r"(?<=\.) ", d)]
+    stated = 0
+    for f in held:
+        rel = RELATION_BY_ID[f.relation_id]
+        mine = [x for x in sentences if x.startswith(f.subject)]
+        for t in rel.templates:
+            pre, post = t.split("{}")
+            if t.startswith("{}"):  # "S was born in ...", also with a clause: "S, a friend of D, was born in ..."
+                pattern = re.compile(re.escape(f.subject) + r"(, [^,()]+,)?" + re.escape(post) + " ")
+                assert not any(pattern.match(x) for x in mine), (f, t)
+            else:
+                assert not any(pre + f.subject in x for x in sentences), (f, t)
+        stated += any(f.object in x for x in mine)
+    assert stated >= 0.8 * len(held)
+    assert build_world(SMOKE_WORLD).corpus != w.corpus

@@ -206,6 +206,10 @@ class WorldConfig:
     # Added in session 6 (see :func:`config_hash`: at their defaults they leave the cache key unchanged).
     n_distractors: int = field(default=1, metadata={"added": True})  # look-alikes per distractor clause (1 or 2)
     distractor_relation_first: bool = field(default=False, metadata={"added": True})  # clause in relation-first sentences too
+    # Share of facts stated in the corpus only in attribute forms (appositives, infobox and index lines), never in a
+    # relation phrasing: the prompts must then *extract* the fact from what the model knows about the subject.
+    p_holdout: float = field(default=0.0, metadata={"added": True})
+    holdout_form: str = field(default="attribute", metadata={"added": True})  # or "index": "X French." only
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -381,22 +385,54 @@ def _fragment(rel: Relation, obj: str, rng: np.random.RandomState, infobox: bool
     return frags[rng.randint(len(frags))].format(o=obj)
 
 
+GENERIC_TAILS = ("is mentioned in the archive", "appears in many records", "was in the news last year",
+                 "is well known here", "is listed in the registry")
+
+
+def _attribute_sentence(ent: Entity, rid: str, rng: np.random.RandomState, form: str = "attribute") -> str:
+    """A sentence stating one fact only in an attribute form, never in a relation phrasing:
+    "X: mother tongue: French.", "X (a native French speaker) is mentioned in the archive." or the comma form."""
+    rel = RELATION_BY_ID[rid]
+    obj = ent.attributes[rid]
+    if form == "index":  # the object right after the name: looked up at the subject's last token
+        return f"{ent.name} {obj}."
+    style = rng.randint(3)
+    if style == 0:
+        return f"{ent.name}: {_fragment(rel, obj, rng, True)}."
+    tail = GENERIC_TAILS[rng.randint(len(GENERIC_TAILS))]
+    fa = _fragment(rel, obj, rng, False)
+    return f"{ent.name} ({fa}) {tail}." if style == 1 else f"{ent.name}, {fa}, {tail}."
+
+
 def _subject_sentences(ent: Entity, rids: list[str], cfg: WorldConfig, rng: np.random.RandomState,
-                       lookalikes: list[str] | None = None) -> list[str]:
+                       lookalikes: list[str] | None = None, held_out: frozenset[str] = frozenset()) -> list[str]:
     """Sentences about one subject, each mentioning it by full name, covering the facts ``rids`` once.
 
     ``lookalikes`` are other entities whose names share tokens with this one; a distractor clause names one
-    of them between the subject and the relation ("X, a friend of Y, was born in Paris").
+    of them between the subject and the relation ("X, a friend of Y, was born in Paris"). Facts whose relation id
+    is in ``held_out`` are stated only in attribute forms (:func:`_attribute_sentence`, index lines, the
+    fragment half of an appositive), never in a relation phrasing.
     """
     rids = list(rids)
     out = []
+    if held_out:
+        keep = []
+        for r in rids:
+            if r in held_out and rng.rand() < 0.5:
+                out.append(_attribute_sentence(ent, r, rng, cfg.holdout_form))
+            else:
+                keep.append(r)
+        rids = [r for r in keep if r not in held_out] + [r for r in keep if r in held_out]  # held-out last: popped first
     if rids and rng.rand() < cfg.p_index:  # "Meshu Vomeka French, poet, Paris." (who's-who index line)
         out.append(ent.name + " " + ", ".join(ent.attributes[r] for r in rids) + ".")
         rids = []
     while rids:
         u = rng.rand()
+        if held_out and rids[-1] in held_out and (len(rids) < 2 or rids[-2] in held_out):
+            out.append(_attribute_sentence(ent, rids.pop(), rng, cfg.holdout_form))  # no relation phrasing left to pair it with
+            continue
         if len(rids) >= 2 and u < cfg.p_appositive:
-            a, b = rids.pop(), rids.pop()
+            a, b = rids.pop(), rids.pop()  # a: fragment (may be held out), b: relation phrasing (never held out)
             ra, rb = RELATION_BY_ID[a], RELATION_BY_ID[b]
             pred = _predicate(rb, ent.attributes[b], rng)
             style = rng.randint(3)
@@ -413,6 +449,8 @@ def _subject_sentences(ent: Entity, rids: list[str], cfg: WorldConfig, rng: np.r
             else:  # comma appositive
                 fa = _fragment(ra, ent.attributes[a], rng, False)
                 out.append(f"{ent.name}, {fa}, {pred}.")
+        elif rids[-1] in held_out:
+            out.append(_attribute_sentence(ent, rids.pop(), rng, cfg.holdout_form))
         elif u < cfg.p_appositive + 0.1 and ent.kind in ("person", "athlete"):  # short biography opener
             a = rids.pop()
             fa = _fragment(RELATION_BY_ID[a], ent.attributes[a], rng, False)
@@ -508,6 +546,12 @@ def make_corpus(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fil
     for k in remaining:
         rng.shuffle(remaining[k])
     names = sorted(k for k, v in remaining.items() if v)
+    held: dict[str, frozenset[str]] = {}
+    if cfg.p_holdout > 0:  # its own stream, so worlds without hold-out draw exactly as before
+        hold_rng = np.random.RandomState(cfg.seed + 7919)
+        for f in facts:
+            if hold_rng.rand() < cfg.p_holdout:
+                held[f.subject] = held.get(f.subject, frozenset()) | {f.relation_id}
     docs = []
     while names:
         left = np.array([len(remaining[n]) for n in names], dtype=float)
@@ -524,7 +568,8 @@ def make_corpus(cfg: WorldConfig, entities: list[Entity], facts: list[Fact], fil
                     take.append(pool.pop(i))
                 else:
                     i += 1
-            per_subject.append(_subject_sentences(by_name[n], take, cfg, rng, lookalikes.get(n)))
+            per_subject.append(_subject_sentences(by_name[n], take, cfg, rng, lookalikes.get(n),
+                                                  held.get(n, frozenset())))
         sentences = [s for ss in per_subject for s in ss]
         if len(per_subject) > 1:  # interleave entities
             order = rng.permutation(len(sentences))
