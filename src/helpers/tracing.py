@@ -438,6 +438,11 @@ def _score_suffix(model: nn.Module, fact: Fact, x: torch.Tensor, first: int) -> 
     return logp.gather(-1, target).sum((1, 2)).exp().reshape(G, N).mean(1)
 
 
+def _needed_len(fact: Fact) -> int:
+    """Positions the fast path computes: the prompt and every target token but the last (T + Ty - 1)."""
+    return fact.prompt_len + fact.target_len - 1
+
+
 @dataclass
 class _Corrupted:
     """What the fast path keeps from the one clean + corrupted pass (row 0 clean, rows 1..N noised)."""
@@ -455,7 +460,8 @@ class _Corrupted:
 @torch.no_grad()
 def _corrupted_pass(model: nn.Module, fact: Fact, noise: torch.Tensor) -> _Corrupted:
     blocks = model.transformer.h
-    ids = fact.ids.unsqueeze(0).repeat(noise.shape[0] + 1, 1)
+    # The last target token scores nothing and, under causal attention, no other position reads it: drop it.
+    ids = fact.ids[: _needed_len(fact)].unsqueeze(0).repeat(noise.shape[0] + 1, 1)
     x = _add_noise(module(model, "embed")(ids), noise.to(model.device), fact.b, fact.e, 1)
     x = model.transformer.drop(x + model.transformer.wpe(torch.arange(ids.shape[1], device=ids.device))[None])
     x = x.unsqueeze(0)
@@ -552,7 +558,7 @@ def fast_trace(
     L = n_layers(model)
     prep = [(blk, _attn_scale(blk, j), _mlp_fn(blk)) for j, blk in enumerate(model.transformer.h)]
     c = _corrupted_pass(model, fact, noise)
-    N, S = noise.shape[0], fact.ids.shape[0]
+    N, S = noise.shape[0], _needed_len(fact)
     sites = _site_list(fact, windows, L, tokens)
     by_t: dict[int, list[tuple[int, int]]] = {}
     for t, l0, l1 in sorted({(t, l0, l1) for t, _, _, l0, l1 in sites}):
