@@ -43,7 +43,7 @@ bench: $(STAMP)
 	@echo "==> editing speed: batched vs one fact at a time"
 	OMP_NUM_THREADS=1 $(PY) benchmarks/editing.py --facts 16
 	@echo "==> editing quality bar (ROME/MEMIT/FT on Error Injection)"
-	OMP_NUM_THREADS=1 $(PY) benchmarks/edit_quality.py --facts 20 --layers 0,2,4,6 || true
+	OMP_NUM_THREADS=1 $(PY) benchmarks/edit_quality.py --facts 50 --layers 0,2,4,6 || true
 	@echo "==> per-stage times of the last run of each profile"
 	@for f in results/*/timings.json; do echo "$$f"; $(PY) -c "import json,sys; [print(f'  {r[\"stage\"]:40s} {r[\"status\"]:8s} {r[\"seconds\"]:8.1f} s') for r in json.load(open(sys.argv[1]))]" $$f; done
 
