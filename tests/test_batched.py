@@ -155,6 +155,49 @@ def test_fast_mode_recomputes_only_suffixes_within_tolerance(tiny, method, monke
     assert len(made) == 1
 
 
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_fast_mode_under_subject_noise_recomputes_from_the_subject(tiny, method, monkeypatch):
+    """Fact Forcing in fast mode: fresh noise on each row's own subject tokens at every step, so nothing below
+    the block is reused, but the prefix before the subject is: from step 1 on, passes run only the positions
+    from each row's subject start, with the same noise draws, and agree with the one-fact path (deltas to 1e-4
+    of their max, post-edit probabilities to 1e-5 relative). Noise at the code's positions (inside the
+    prefix) keeps full passes."""
+    reqs = [_requests()[2], _requests()[0]]  # subject-position noise, and a clean request in the same batch
+    made, used = [], []
+
+    class Spy(BT.SuffixPass):
+        def __post_init__(self, cache):
+            super().__post_init__(cache)
+            made.append(self.cut.clone())
+
+        def model_inputs(self, model):
+            used.append(1)
+            return super().model_inputs(model)
+
+    monkeypatch.setattr(BT, "SuffixPass", Spy)
+    one = [E.edit(tiny.model, tiny.tok, r, method, 1, HP[method], stats=tiny.stats, templates=tiny.templates)
+           for r in reqs]
+    many = BT.edit_many(tiny.model, tiny.tok, reqs, method, 1, HP[method], stats=tiny.stats,
+                        templates=tiny.templates, exact=False)
+    steps = E.prepare(tiny.model, tiny.tok, method, 1, HP[method], tiny.stats, tiny.templates)[0].v_num_grad_steps
+    assert len(made) == 1 and len(used) == steps - 1
+    n_rows = len(made[0]) // len(reqs)
+    templates = tiny.templates.rome if method == "rome" else [t for g in tiny.templates.memit for t in g]
+    full = [E.fill(c, reqs[0].template) for c in templates] + ["{} is a"]
+    starts = [b for b, _ in BT.subject_ranges(tiny.tok, full, reqs[0].subject)]
+    assert made[0][:n_rows].tolist() == starts and max(starts) > 0  # cut at each row's subject start
+    for r, a, b in zip(reqs, many, one):
+        assert a.info["updates"] == b.info["updates"]
+        for l in b.deltas:
+            assert _rel(a.deltas[l], b.deltas[l]) < 1e-4, (method, r.case_id, l)
+        pa, pb = _p(tiny, r, a), _p(tiny, r, b)
+        assert abs(pa - pb) <= 1e-5 * pb, (method, r.case_id, pa, pb)
+    assert a.deltas and any(float(d.abs().max()) > 0 for d in many[0].deltas.values())
+    BT.edit_many(tiny.model, tiny.tok, [_requests()[4]], method, 1, HP[method], stats=tiny.stats,
+                 templates=tiny.templates, exact=False)
+    assert len(made) == 1  # code-position noise lands in the prefix: full passes only
+
+
 # ------------------------------------------------------------------------------- per-fact rules (FT)
 
 

@@ -443,27 +443,34 @@ def _optimize_deltas(
                 continue
             for k in ks_ok:
                 opts[k].zero_grad()
-            if noise is not None:
-                noise.set_rows([(k, facts[k][3]) for k in ks])
             d_rows = torch.cat([deltas[k].expand(per, -1) for k in ks])
-            # the stream entering the block, computed at step 0 and reused (not under fresh input noise); in fast
-            # mode also the prefix before each row's δ position (suffix.SuffixPass), from step 1 on
+            # Clean rows: the stream entering the block, computed at step 0, is reused at every later step; in fast
+            # mode also the prefix before each row's δ position (suffix.SuffixPass). Under fresh input noise on the
+            # rows' own subject tokens (Fact Forcing) nothing below the block can be reused, but the prefix before
+            # each row's subject is never noised: fast mode recomputes only positions from the subject on.
             reuse = not _noised(noise, ks)
+            subject_noise = not reuse and all(noise.specs[k] is None or noise.specs[k].positions == "subject"
+                                              for k in ks)
+            prefix = not exact and hooks.REUSE_BELOW and (reuse or subject_noise)
             below = belows.get(id(batch)) if reuse else None
-            sp = suffixes.get(id(batch)) if reuse else None
-            edit_pos = torch.zeros_like(pos) if sp is not None else pos
+            sp = suffixes.get(id(batch)) if prefix else None
+            if noise is not None:  # each row's subject range, in the columns of the pass that runs
+                noise.set_rows([(k, [(b - int(c), e - int(c)) for (b, e), c in
+                                     zip(facts[k][3], sp.cut[j * per: (j + 1) * per])] if sp is not None
+                                 else facts[k][3]) for j, k in enumerate(ks)])
+            edit_pos = pos - sp.cut if sp is not None else pos
             with hooks.trace(model, name, edit=hooks.add_at_positions(d_rows, edit_pos), retain_output=it == 0) \
                     as tr, hooks.reuse_below(model, layer, below, record=reuse) as rb:
                 if sp is not None:
                     logits, scored = model(**sp.model_inputs(model)).logits, sp.batch
                 else:
-                    prefix = reuse and not exact and hooks.REUSE_BELOW
                     out = model(**batch.model_inputs(), use_cache=prefix)
                     logits, scored = out.logits, batch
                     if prefix:
+                        cut = pos if reuse else torch.tensor([b for k in ks for b, _ in facts[k][3]])
                         try:
-                            suffixes[id(batch)] = SuffixPass(batch, pos, cache_of(out))
-                        except ValueError as err:  # a δ position outside its prompt: keep full passes
+                            suffixes[id(batch)] = SuffixPass(batch, cut, cache_of(out))
+                        except ValueError as err:  # a cut outside its prompt: keep full passes
                             log.debug("no suffix passes for this batch: %s", err)
                     del out  # the full pass's cache (all layers, all positions)
             if rb.stream is not None:
