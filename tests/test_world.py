@@ -177,7 +177,7 @@ def test_added_options_at_their_defaults_keep_the_cache_key():
     legacy = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if not f.metadata.get("added")}
     blob = json.dumps([GENERATOR_VERSION, legacy, dataclasses.asdict(tc)], sort_keys=True)
     assert config_hash(base, tc) == hashlib.sha256(blob.encode()).hexdigest()[:12]
-    for change in ({"n_distractors": 2}, {"p_holdout": 0.5}):
+    for change in ({"n_distractors": 2}, {"p_holdout": 0.5}, {"holdout_form": "index"}):
         assert config_hash(dataclasses.replace(base, **change), tc) != config_hash(base, tc)
 
 
@@ -240,11 +240,13 @@ def test_held_out_facts_never_appear_in_a_relation_phrasing():
         mine = [x for x in sentences if x.startswith(f.subject)]
         for t in rel.templates:
             pre, post = t.split("{}")
-            if t.startswith("{}"):  # "S was born in ...", also with a clause: "S, a friend of D, was born in ..."
-                pattern = re.compile(re.escape(f.subject) + r"(, [^,()]+,)?" + re.escape(post) + " ")
+            if t.startswith("{}"):  # "S was born in ...", also after a clause or a parenthesis
+                pattern = re.compile(re.escape(f.subject) + r"( \([^()]*\)|, [^,()]+,)?" + re.escape(post) + " ")
                 assert not any(pattern.match(x) for x in mine), (f, t)
             else:
                 assert not any(pre + f.subject in x for x in sentences), (f, t)
         stated += any(f.object in x for x in mine)
     assert stated >= 0.8 * len(held)
     assert build_world(SMOKE_WORLD).corpus != w.corpus
+    with pytest.raises(ValueError, match="holdout_form"):
+        dataclasses.replace(SMOKE_WORLD, holdout_form="indx")

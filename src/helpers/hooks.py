@@ -213,7 +213,7 @@ def reuse_below(model: nn.Module, layer: int, below: torch.Tensor | None, record
     """One forward pass of an optimisation loop that either replays ``below`` (the stream entering block
     ``layer`` recorded by an earlier pass on the same inputs; see :func:`resume_at`) or, when ``below`` is None
     and ``record``, records it into the yielded :class:`Replay`. Pass ``record=False`` when the stream changes
-    between passes (fresh input noise): then every pass is a full one."""
+    between passes (fresh input noise): then every pass runs from the embeddings up."""
     from .models import module_name
 
     block = module_name(model, "block", layer)

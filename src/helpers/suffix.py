@@ -3,7 +3,9 @@
 ROME's v* and MEMIT's z optimisation add a vector δ at one position p_i of every row (the last subject
 token) and run the same batch ~20 times. Positions before p_i cannot see δ (causal attention), so their
 keys and values at every layer are the same at every step: record them once, then run only positions
->= p_i. With context templates of 5-10 tokens before the prompt, most of a row is prefix.
+>= p_i. With context templates of 5-10 tokens before the prompt, most of a row is prefix. Under Fact Forcing's
+input noise, drawn afresh at every step on each row's subject tokens, the cut is the subject's first token
+instead: the positions before it see neither noise nor δ.
 
     full = model(**batch.model_inputs(), use_cache=True)           # step 0: records every layer's K/V
     sp = SuffixPass(batch, cut=positions, cache=cache_of(full))

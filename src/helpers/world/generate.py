@@ -209,7 +209,12 @@ class WorldConfig:
     # Share of facts stated in the corpus only in attribute forms (appositives, infobox and index lines), never in a
     # relation phrasing: the prompts must then *extract* the fact from what the model knows about the subject.
     p_holdout: float = field(default=0.0, metadata={"added": True})
-    holdout_form: str = field(default="attribute", metadata={"added": True})  # or "index": "X French." only
+    # "index": a held-out fact's own sentence is "X French." (it can still be the attribute half of an appositive)
+    holdout_form: str = field(default="attribute", metadata={"added": True})
+
+    def __post_init__(self) -> None:
+        if self.holdout_form not in ("attribute", "index"):
+            raise ValueError(f"holdout_form must be 'attribute' or 'index', not {self.holdout_form!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
