@@ -41,7 +41,7 @@ bench: $(STAMP)
 	@echo "==> tracing speed: fast path vs one site at a time (default world model)"
 	OMP_NUM_THREADS=1 $(PY) benchmarks/tracing.py --facts 16 --windows 1,3,5,10
 	@echo "==> editing speed: batched vs one fact at a time"
-	OMP_NUM_THREADS=1 $(PY) benchmarks/editing.py --facts 16
+	OMP_NUM_THREADS=1 $(PY) benchmarks/editing.py --facts 16 --layers 2,5 --problems ei,ff
 	@echo "==> editing quality bar (ROME/MEMIT/FT on Error Injection)"
 	OMP_NUM_THREADS=1 $(PY) benchmarks/edit_quality.py --facts 50 --layers 0,2,4,6 || true
 	@echo "==> per-stage times of the last run of each profile"
