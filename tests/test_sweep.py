@@ -226,3 +226,24 @@ def test_measure_equals_a_hand_computation(lm, facts):
         lp = _hand_logprobs(model, ids)[:-1].gather(1, torch.tensor(ids[1:])[:, None])
         ppls.append(float(torch.exp(-lp.sum() / len(ids))))  # the official code divides by N, not N - 1
     assert m["essence_ppl"] == pytest.approx(sum(ppls) / len(ppls), rel=1e-5)
+
+
+@pytest.mark.parametrize("method, problem, batched_expected", [("ft1", "ff", False), ("ft5", "ff", False),
+                                                              ("ft1", "ei", True), ("rome", "ff", True)])
+def test_fine_tuning_under_input_noise_is_edited_one_fact_at_a_time(lm, facts, tmp_path, monkeypatch, method,
+                                                                    problem, batched_expected):
+    """FT x Fact Forcing chunks skip the batched optimiser (slower there); every other cell uses it."""
+    from helpers.editing import batched
+
+    model, tok = lm
+    calls = []
+    real = batched.edit_many
+    monkeypatch.setattr(batched, "edit_many", lambda *a, **k: calls.append(1) or real(*a, **k))
+    corpus = [p.format(s) + " " + t for p, s, t in zip(facts["prompt"], facts["subject"], facts["target_true"])] * 10
+    stats = editing.SecondMoments(model, tok, corpus, n_tokens=300, cache_dir=tmp_path / "cache")
+    templates = editing.context_templates(model, tok, cache_dir=tmp_path / "cache")
+    cfg = _cell(method, problem, batch_size=2)
+    cfg.layers = cfg.layers[:1]
+    t = sweep.run_cell(model, tok, facts.head(2), cfg, tmp_path / "t.parquet", tmp_path, stats, templates)
+    assert (t["status"] == "ok").all() and len(t) == 2
+    assert bool(calls) == batched_expected
