@@ -114,6 +114,46 @@ def test_edit_many_fast_mode_within_tolerance(tiny, method):
         assert abs(pa - pb) <= 1e-5 * pb, (method, r.case_id, pa, pb)
 
 
+def _spy_suffix_passes(monkeypatch) -> tuple[list, list]:
+    """Swap in a SuffixPass that records every instance made and every suffix-only pass run."""
+    made, used = [], []
+
+    class Spy(BT.SuffixPass):
+        def __post_init__(self, cache):
+            super().__post_init__(cache)
+            made.append(self)
+
+        def model_inputs(self, model):
+            used.append(1)
+            return super().model_inputs(model)
+
+    monkeypatch.setattr(BT, "SuffixPass", Spy)
+    return made, used
+
+
+def _one_and_many(tiny, reqs, method):
+    """The same requests edited one fact at a time and batched (fast mode) at layer 1."""
+    one = [E.edit(tiny.model, tiny.tok, r, method, 1, HP[method], stats=tiny.stats, templates=tiny.templates)
+           for r in reqs]
+    many = BT.edit_many(tiny.model, tiny.tok, reqs, method, 1, HP[method], stats=tiny.stats,
+                        templates=tiny.templates, exact=False)
+    return one, many
+
+
+def _steps(tiny, method) -> int:
+    return E.prepare(tiny.model, tiny.tok, method, 1, HP[method], tiny.stats, tiny.templates)[0].v_num_grad_steps
+
+
+def _assert_same_edits(tiny, reqs, many, one, method) -> None:
+    """Fast-mode tolerance: deltas to 1e-4 of their max, post-edit probabilities to 1e-5 relative."""
+    for r, a, b in zip(reqs, many, one):
+        assert a.info["updates"] == b.info["updates"]
+        for l in b.deltas:
+            assert _rel(a.deltas[l], b.deltas[l]) < 1e-4, (method, r.case_id, l)
+        pa, pb = _p(tiny, r, a), _p(tiny, r, b)
+        assert abs(pa - pb) <= 1e-5 * pb, (method, r.case_id, pa, pb)
+
+
 @pytest.mark.parametrize("method", ["rome", "memit"])
 def test_fast_mode_recomputes_only_suffixes_within_tolerance(tiny, method, monkeypatch):
     """Clean requests in fast mode: from step 1 on, ROME/MEMIT passes run only the positions from each row's
@@ -122,33 +162,12 @@ def test_fast_mode_recomputes_only_suffixes_within_tolerance(tiny, method, monke
     from helpers import hooks
 
     reqs = [r for r in _requests() if r.noise is None]
-    made = []
-
-    used = []
-
-    class Spy(BT.SuffixPass):
-        def __post_init__(self, cache):
-            super().__post_init__(cache)
-            made.append(self.input_ids.shape[1] / self.full.input_ids.shape[1])
-
-        def model_inputs(self, model):
-            used.append(1)
-            return super().model_inputs(model)
-
-    monkeypatch.setattr(BT, "SuffixPass", Spy)
-    one = [E.edit(tiny.model, tiny.tok, r, method, 1, HP[method], stats=tiny.stats, templates=tiny.templates)
-           for r in reqs]
-    many = BT.edit_many(tiny.model, tiny.tok, reqs, method, 1, HP[method], stats=tiny.stats,
-                        templates=tiny.templates, exact=False)
-    assert len(made) == 1 and made[0] < 0.7  # one padded pass; its suffixes are well under its full length
-    steps = E.prepare(tiny.model, tiny.tok, method, 1, HP[method], tiny.stats, tiny.templates)[0].v_num_grad_steps
-    assert len(used) == steps - 1  # every step after the first runs the suffixes only
-    for r, a, b in zip(reqs, many, one):
-        assert a.info["updates"] == b.info["updates"]
-        for l in b.deltas:
-            assert _rel(a.deltas[l], b.deltas[l]) < 1e-4, (method, r.case_id, l)
-        pa, pb = _p(tiny, r, a), _p(tiny, r, b)
-        assert abs(pa - pb) <= 1e-5 * pb, (method, r.case_id, pa, pb)
+    made, used = _spy_suffix_passes(monkeypatch)
+    one, many = _one_and_many(tiny, reqs, method)
+    # one padded pass; its suffixes are well under its full length
+    assert len(made) == 1 and made[0].input_ids.shape[1] / made[0].full.input_ids.shape[1] < 0.7
+    assert len(used) == _steps(tiny, method) - 1  # every step after the first runs the suffixes only
+    _assert_same_edits(tiny, reqs, many, one, method)
     monkeypatch.setattr(hooks, "REUSE_BELOW", False)
     BT.edit_many(tiny.model, tiny.tok, reqs[:1], method, 1, HP[method], stats=tiny.stats,
                  templates=tiny.templates, exact=False)
@@ -163,35 +182,16 @@ def test_fast_mode_under_subject_noise_recomputes_from_the_subject(tiny, method,
     of their max, post-edit probabilities to 1e-5 relative). Noise at the code's positions (inside the
     prefix) keeps full passes."""
     reqs = [_requests()[2], _requests()[0]]  # subject-position noise, and a clean request in the same batch
-    made, used = [], []
-
-    class Spy(BT.SuffixPass):
-        def __post_init__(self, cache):
-            super().__post_init__(cache)
-            made.append(self.cut.clone())
-
-        def model_inputs(self, model):
-            used.append(1)
-            return super().model_inputs(model)
-
-    monkeypatch.setattr(BT, "SuffixPass", Spy)
-    one = [E.edit(tiny.model, tiny.tok, r, method, 1, HP[method], stats=tiny.stats, templates=tiny.templates)
-           for r in reqs]
-    many = BT.edit_many(tiny.model, tiny.tok, reqs, method, 1, HP[method], stats=tiny.stats,
-                        templates=tiny.templates, exact=False)
-    steps = E.prepare(tiny.model, tiny.tok, method, 1, HP[method], tiny.stats, tiny.templates)[0].v_num_grad_steps
-    assert len(made) == 1 and len(used) == steps - 1
-    n_rows = len(made[0]) // len(reqs)
+    made, used = _spy_suffix_passes(monkeypatch)
+    one, many = _one_and_many(tiny, reqs, method)
+    assert len(made) == 1 and len(used) == _steps(tiny, method) - 1
+    cut = made[0].cut
+    n_rows = len(cut) // len(reqs)
     templates = tiny.templates.rome if method == "rome" else [t for g in tiny.templates.memit for t in g]
     full = [E.fill(c, reqs[0].template) for c in templates] + ["{} is a"]
     starts = [b for b, _ in BT.subject_ranges(tiny.tok, full, reqs[0].subject)]
-    assert made[0][:n_rows].tolist() == starts and max(starts) > 0  # cut at each row's subject start
-    for r, a, b in zip(reqs, many, one):
-        assert a.info["updates"] == b.info["updates"]
-        for l in b.deltas:
-            assert _rel(a.deltas[l], b.deltas[l]) < 1e-4, (method, r.case_id, l)
-        pa, pb = _p(tiny, r, a), _p(tiny, r, b)
-        assert abs(pa - pb) <= 1e-5 * pb, (method, r.case_id, pa, pb)
+    assert cut[:n_rows].tolist() == starts and max(starts) > 0  # cut at each row's subject start
+    _assert_same_edits(tiny, reqs, many, one, method)
     assert many[0].deltas and any(float(d.abs().max()) > 0 for d in many[0].deltas.values())
     BT.edit_many(tiny.model, tiny.tok, [_requests()[4]], method, 1, HP[method], stats=tiny.stats,
                  templates=tiny.templates, exact=False)

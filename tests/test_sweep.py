@@ -162,6 +162,13 @@ def test_pre_edit_quantities_are_cached_per_problem(lm, facts, tmp_path, monkeyp
     assert list(pre["case_id"]) == [0, 1] and (pre["target"] == facts.head(2)["target_true"].values).all()
 
 
+def _stats_and_templates(model, tok, facts: pd.DataFrame, tmp_path):
+    """Second moments over the facts' own sentences and context templates, cached under tmp_path."""
+    corpus = [p.format(s) + " " + t for p, s, t in zip(facts["prompt"], facts["subject"], facts["target_true"])] * 10
+    stats = editing.SecondMoments(model, tok, corpus, n_tokens=300, cache_dir=tmp_path / "cache")
+    return stats, editing.context_templates(model, tok, cache_dir=tmp_path / "cache")
+
+
 @pytest.mark.parametrize("method, problem", [("rome", "ei"), ("ft5", "fe"), ("memit", "ff")])
 def test_batched_sweep_equals_one_edit_at_a_time(lm, facts, tmp_path, monkeypatch, method, problem):
     model, tok = lm
@@ -172,9 +179,7 @@ def test_batched_sweep_equals_one_edit_at_a_time(lm, facts, tmp_path, monkeypatc
         fs = fs.assign(target_true="a")
         monkeypatch.setattr(finetune, "LOSS_FLOOR", 0.0)
         monkeypatch.setattr(batched, "LOSS_FLOOR", 0.0)
-    corpus = [p.format(s) + " " + t for p, s, t in zip(facts["prompt"], facts["subject"], facts["target_true"])] * 10
-    stats = editing.SecondMoments(model, tok, corpus, n_tokens=300, cache_dir=tmp_path / "cache")
-    templates = editing.context_templates(model, tok, cache_dir=tmp_path / "cache")
+    stats, templates = _stats_and_templates(model, tok, facts, tmp_path)
     one = sweep.run_cell(model, tok, fs, _cell(method, problem, batch_size=1), tmp_path / "a.parquet", tmp_path,
                          stats, templates)
     many = sweep.run_cell(model, tok, fs, _cell(method, problem, batch_size=3), tmp_path / "b.parquet", tmp_path,
@@ -239,9 +244,7 @@ def test_fine_tuning_under_input_noise_is_edited_one_fact_at_a_time(lm, facts, t
     calls = []
     real = batched.edit_many
     monkeypatch.setattr(batched, "edit_many", lambda *a, **k: calls.append(1) or real(*a, **k))
-    corpus = [p.format(s) + " " + t for p, s, t in zip(facts["prompt"], facts["subject"], facts["target_true"])] * 10
-    stats = editing.SecondMoments(model, tok, corpus, n_tokens=300, cache_dir=tmp_path / "cache")
-    templates = editing.context_templates(model, tok, cache_dir=tmp_path / "cache")
+    stats, templates = _stats_and_templates(model, tok, facts, tmp_path)
     cfg = _cell(method, problem, batch_size=2)
     cfg.layers = cfg.layers[:1]
     t = sweep.run_cell(model, tok, facts.head(2), cfg, tmp_path / "t.parquet", tmp_path, stats, templates)

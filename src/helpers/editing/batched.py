@@ -455,9 +455,9 @@ def _optimize_deltas(
             below = belows.get(id(batch)) if reuse else None
             sp = suffixes.get(id(batch)) if prefix else None
             if noise is not None:  # each row's subject range, in the columns of the pass that runs
-                noise.set_rows([(k, [(b - int(c), e - int(c)) for (b, e), c in
-                                     zip(facts[k][3], sp.cut[j * per: (j + 1) * per])] if sp is not None
-                                 else facts[k][3]) for j, k in enumerate(ks)])
+                cuts = sp.cut.tolist() if sp is not None else [0] * (per * len(ks))
+                noise.set_rows([(k, [(b - c, e - c) for (b, e), c in zip(facts[k][3], cuts[j * per: (j + 1) * per])])
+                                for j, k in enumerate(ks)])
             edit_pos = pos - sp.cut if sp is not None else pos
             with hooks.trace(model, name, edit=hooks.add_at_positions(d_rows, edit_pos), retain_output=it == 0) \
                     as tr, hooks.reuse_below(model, layer, below, record=reuse) as rb:
