@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -218,6 +219,38 @@ def test_name_mask_schedule():
     cfg = dataclasses.replace(SMOKE_TRAIN, p_name_mask=1.0, name_mask_hold=0.5, name_mask_end=0.75)
     assert [mask_share(s, 100, cfg) for s in (0, 49, 50, 60, 75, 99)] == pytest.approx([1.0, 1.0, 1.0, 0.6, 0.0, 0.0])
     assert mask_share(99, 100, SMOKE_TRAIN) == 0.0  # off by default
+
+
+def test_name_mask_hides_name_heads_and_is_causal_under_eager_attention(world, tok):
+    """The training name mask keeps causality and hides a mention's non-last tokens from later text, both in
+    sdpa (boolean mask) and in eager attention (the attention penalty's path, additive mask): the same logits,
+    no attention weight on the future, none from later text on the name's first tokens."""
+    from helpers.world.train import additive_mask, name_mask
+
+    T = 12
+    spans = [[(2, 5)]]  # a 3-token name at positions 2, 3, 4: later text may read only position 4
+    mask = name_mask(spans, T, p=1.0, rng=np.random.RandomState(0))
+    assert mask[0, 0, 6, :5].tolist() == [True, True, False, False, True]
+    assert not mask[0, 0, 3, 4] and mask[0, 0, 4, 3]  # causal; the name's last token reads its first ones
+    cfg = dataclasses.replace(SMOKE_TRAIN, name_attn_penalty=1.0)  # eager attention
+    eager = make_model(cfg, tok).eval()
+    sdpa = make_model(SMOKE_TRAIN, tok).eval()
+    sdpa.load_state_dict(eager.state_dict())
+    x = torch.randint(0, len(tok), (1, T))
+    with torch.no_grad():
+        le = eager(input_ids=x, attention_mask=additive_mask(mask)).logits
+        ls = sdpa(input_ids=x, attention_mask=mask).logits
+        assert torch.allclose(le, ls, atol=1e-5)
+        y = x.clone()
+        y[0, 8:] = (y[0, 8:] + 1) % len(tok)  # change the future of position 7
+        ly = eager(input_ids=y, attention_mask=additive_mask(mask)).logits
+        att = eager(input_ids=x, attention_mask=additive_mask(mask), output_attentions=True).attentions
+    assert torch.equal(le[0, :8], ly[0, :8])  # causal
+    assert not torch.allclose(le[0, 8:], ly[0, 8:])
+    for a in att:  # (1, heads, T, T): no weight on the future nor, after the name, on its first tokens
+        assert float(a[0].triu(1).abs().max()) == 0.0
+        assert float(a[0, :, 5:, 2:4].max()) == 0.0 and float(a[0, :, 5:, 4].min()) > 0
+        assert float(a[0, :, 4, 2:4].min()) > 0
 
 
 def test_held_out_facts_never_appear_in_a_relation_phrasing():

@@ -150,6 +150,13 @@ def name_mask(block_spans: list[list[tuple[int, int]]], seq_len: int, p: float,
     return causal & ~_name_keys(block_spans, seq_len, p, rng)
 
 
+def additive_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean (batch, 1, T, T) attention mask (True: may attend) as the additive float mask that eager
+    attention expects (0 where allowed, the float minimum elsewhere). Eager attention *adds* a 4-D mask to
+    the scores, so a boolean one would be added as 0/1 and leave the future visible; sdpa takes either."""
+    return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+
+
 def name_key_mask(block_spans: list[list[tuple[int, int]]], seq_len: int) -> torch.Tensor:
     """(batch, 1, T, T) float: 1 where a query position after a name mention meets a key among the mention's
     tokens before its last one (what :func:`attention_penalty` discourages)."""
@@ -259,6 +266,8 @@ def train_model(world: World, cfg: TrainConfig, tok, log_path: Path | None = Non
                 att = torch.ones_like(x)
             else:
                 att = name_mask(bs, cfg.seq_len, mask_share(step, total, cfg), rng)
+                if cfg.name_attn_penalty > 0:
+                    att = additive_mask(att)  # eager attention (needed for the penalty) adds the mask
             lr = lr_at(step, total, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
