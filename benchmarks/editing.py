@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--loop-reuse", action="store_true",
                     help="let the one-fact path reuse the layers below the edit too (default: off, the naive path)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also run the batched phase under torch.autocast(bfloat16) (AMX/AVX-512 matrix products) "
+                         "and print its speed and its difference from float32")
     ap.add_argument("--no-batched-reuse", action="store_true",
                     help="batched path without reusing the layers below the edit (to isolate batching)")
     args = ap.parse_args(argv)
@@ -115,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         results[(pr, m, "loop")] = (time.perf_counter() - t0, out)
     rss_loop = maxrss_mb()
     hooks.REUSE_BELOW = not args.no_batched_reuse
-    for (pr, m), (tasks, hp) in cells.items():  # batched
-        t0 = time.perf_counter()
+    def run_batched(tasks, m, hp):
         out = []
         for layer in layers:
             edits = batched.edit_many(model, tok, [t.request for t in tasks], m, layer, hp, stats=stats,
@@ -124,8 +126,19 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(0, len(tasks), args.chunk):
                 sl = slice(i, i + args.chunk)
                 out += batched.measure_many(model, tok, tasks[sl], fact_rows[sl], edits[sl], essences[sl])
+        return out
+
+    for (pr, m), (tasks, hp) in cells.items():  # batched
+        t0 = time.perf_counter()
+        out = run_batched(tasks, m, hp)
         results[(pr, m, "batched")] = (time.perf_counter() - t0, out)
     rss_batched = maxrss_mb()
+    if args.bf16:
+        for (pr, m), (tasks, hp) in cells.items():  # batched, bfloat16 matrix products
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = run_batched(tasks, m, hp)
+            results[(pr, m, "bf16")] = (time.perf_counter() - t0, out)
 
     n = len(fact_rows) * len(layers)
     print(f"\n{'problem':8s} {'method':6s} {'edits':>5s} {'loop e/s':>9s} {'batched e/s':>11s} {'ratio':>6s} "
@@ -144,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     t_b = sum(v[0] for k, v in results.items() if k[2] == "batched")
     N = n * len(cells)
     print(f"{'all':8s} {'':6s} {N:5d} {N / t_loop:9.2f} {N / t_b:11.2f} {t_loop / t_b:6.2f}")
+    if args.bf16:
+        print(f"\nbatched under bfloat16 autocast vs float32 (same cells):\n{'problem':8s} {'method':6s} "
+              f"{'fp32 e/s':>9s} {'bf16 e/s':>9s} {'ratio':>6s} {'max |p_post diff|':>17s}")
+        for (pr, m) in cells:
+            t2, o2 = results[(pr, m, "batched")]
+            t3, o3 = results[(pr, m, "bf16")]
+            d = max(abs(a["rewrite"] - b["rewrite"]) for a, b in zip(o3, o2))
+            print(f"{pr:8s} {m:6s} {n / t2:9.2f} {n / t3:9.2f} {t2 / t3:6.2f} {d:17.2e}")
     print(f"\npeak RSS: setup {rss0:.0f} MB, after the one-fact phase {rss_loop:.0f} MB, "
           f"after the batched phase {rss_batched:.0f} MB")
     print(f"geometric-mean speed-up {float(np.exp(np.mean(np.log(ratios)))):.2f}x")

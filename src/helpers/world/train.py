@@ -5,10 +5,11 @@ padding), re-shuffled and re-packed every epoch; AdamW with linear warmup and co
 (we want memorisation); loss, next-token accuracy and (periodically) fact accuracy are logged.
 Same seed, same weights (single process, fixed thread count, deterministic algorithms).
 
-Two optional training-side pressures towards subject enrichment exist for experiments, both off in the
-presets because neither produced it in a CPU-sized budget (see the world chapter): ``index_epochs``
-(a curriculum that reads the who's-who index lines first) and ``p_name_mask`` (later text may not attend
-to a name's tokens before its last one).
+Training-side pressures towards subject enrichment (see the world chapter): ``p_name_mask`` (for that share
+of mentions, later text may not attend to a name's tokens before its last one) and ``name_attn_penalty``
+(an auxiliary loss on the attention later text still pays to them; it needs eager attention), both on in
+the default preset, which together move the lookup onto the subject's last token; ``index_epochs`` (a
+curriculum that reads the who's-who index lines first) and the mask schedule are off in the presets.
 """
 
 from __future__ import annotations
