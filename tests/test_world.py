@@ -283,3 +283,26 @@ def test_held_out_facts_never_appear_in_a_relation_phrasing():
     assert build_world(SMOKE_WORLD).corpus != w.corpus
     with pytest.raises(ValueError, match="holdout_form"):
         dataclasses.replace(SMOKE_WORLD, holdout_form="indx")
+
+
+def test_a_clean_last_subject_token_restores_a_one_token_subject_exactly(smoke_folder):
+    """``where_subject_is_read``'s site "last subject token, every layer" keeps the last subject token clean and
+    noises only the name's other tokens: for a one-token subject nothing is noised, so p_restored = p_clean,
+    while restoring that token at one layer does not undo the noise the later text read at layer 0."""
+    from helpers.models import load_model
+    from helpers.world.report import where_subject_is_read
+
+    model, tok = load_model(smoke_folder)
+    rec = json.loads((smoke_folder / "counterfact.json").read_text())[0]
+    word = next(w for w in ("Paris", "French", "London", "Spanish", "Canada", "poet")
+                if len(tok.encode(" " + w)) == 1)
+    rec["requested_rewrite"]["subject"] = word
+    rec["requested_rewrite"]["prompt"] = "The mother tongue of {} is"  # the subject after a space: one token
+    b, e = subject_range(tok, "The mother tongue of " + word + " is", word)
+    assert e - b == 1
+    rows = where_subject_is_read(model, tok, [rec], sigma=0.5).set_index("site")
+    every = rows.loc["last subject token, every layer"]
+    assert every["p_restored"] == pytest.approx(every["p_clean"], rel=1e-5)
+    assert every["p_corrupt"] != pytest.approx(every["p_clean"], rel=1e-3)  # the noise did matter
+    one = rows.loc["last subject token"]
+    assert one["p_restored"] != pytest.approx(one["p_clean"], rel=1e-3)

@@ -97,14 +97,18 @@ def enrichment_probe(model, tok, records: list[dict], sigma: float, n_samples: i
 def where_subject_is_read(model, tok, records: list[dict], sigma: float, layer: int = 0,
                           n_samples: int = 10) -> pd.DataFrame:
     """Under subject noise, restore the clean *block output* at ``layer`` at one group of positions:
-    all subject tokens, the last subject token, or all positions after the subject.
+    all subject tokens, the last subject token, or all positions after the subject; and, as site
+    "last subject token, every layer", keep the last subject token clean throughout (its embedding and every
+    block output), so that only the name's other tokens are noised.
 
     Tells where later positions read the subject from: if restoring the positions after the subject at
     layer 0 recovers the prediction, they copied the (noised) subject tokens in the first attention layer
-    and looked the object up themselves. One row per (case_id, site).
+    and looked the object up themselves; if a clean last subject token recovers little, later text is misled
+    by reading the name's other (noised) tokens directly. One row per (case_id, site).
     """
     embed = module_name(model, "embed")
     block = module_name(model, "block", layer)
+    blocks = [module_name(model, "block", i) for i in range(n_layers(model))]
     rows = []
     for r in records:
         rw = r["requested_rewrite"]
@@ -116,22 +120,25 @@ def where_subject_is_read(model, tok, records: list[dict], sigma: float, layer: 
         x = scoring.encode(tok, prompt)
         y = scoring.encode(tok, scoring.with_space(rw["target_true"]["str"]))
         sites = {"none": [], "all subject tokens": list(range(b, e)), "last subject token": [e - 1],
-                 "after the subject": list(range(e, len(x)))}
+                 "after the subject": list(range(e, len(x))), "last subject token, every layer": [e - 1]}
         d = model.get_input_embeddings().weight.shape[1]
         noise = torch.from_numpy(tracing.noise_draws(n_samples, e - b, d)).float() * sigma
         ps = {}
         for site, positions in sites.items():
             ids = torch.tensor([x + y] * (1 + n_samples))
+            every = site.endswith("every layer")
+            hooked = [embed] + (blocks if every else [block])
+            noised = list(range(b, e - 1)) if every else list(range(b, e))
 
             def edit(out: torch.Tensor, name: str) -> torch.Tensor:
                 new = out.clone()
                 if name == embed:
-                    new[1:, b:e] = new[1:, b:e] + noise.to(out.dtype)
+                    new[1:, noised] = new[1:, noised] + noise[:, : len(noised)].to(out.dtype)
                 elif positions:
                     new[1:, positions] = out[0, positions]
                 return new
 
-            with trace(model, [embed, block], edit=edit, retain_output=False):
+            with trace(model, hooked, edit=edit, retain_output=False):
                 logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
             pos = torch.arange(len(x) - 1, len(x) + len(y) - 1)
             p = logp[:, pos, torch.tensor(y)].sum(-1).exp()
