@@ -135,15 +135,13 @@ def main() -> None:
     # The fast path takes a few seconds, so one timing is at the mercy of the machine; time both paths
     # several times, interleaved so that both see the same conditions, and compare the medians.
     times: dict[str, list[float]] = {"fast": [], "reference": []}
+    tables: dict[str, pd.DataFrame] = {}
     for _ in range(max(1, args.repeats)):
-        for method in ("fast", "reference"):
+        for method in times:
             t0 = time.perf_counter()
-            out = tracing.trace_facts(model, tok, facts, method=method, **kw)
+            tables[method] = tracing.trace_facts(model, tok, facts, method=method, **kw)
             times[method].append(time.perf_counter() - t0)
-            if method == "fast":
-                fast = out
-            else:
-                ref = out
+    fast, ref = tables["fast"], tables["reference"]
     t_fast, t_ref = float(np.median(times["fast"])), float(np.median(times["reference"]))
     ratios = [r / f for f, r in zip(times["fast"], times["reference"])]
 

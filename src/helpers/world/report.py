@@ -119,16 +119,17 @@ def where_subject_is_read(model, tok, records: list[dict], sigma: float, layer: 
             continue
         x = scoring.encode(tok, prompt)
         y = scoring.encode(tok, scoring.with_space(rw["target_true"]["str"]))
-        sites = {"none": [], "all subject tokens": list(range(b, e)), "last subject token": [e - 1],
-                 "after the subject": list(range(e, len(x))), "last subject token, every layer": [e - 1]}
+        subject = list(range(b, e))
+        # site -> (positions restored, blocks restored at them, subject positions noised)
+        sites = {"none": ([], [block], subject), "all subject tokens": (subject, [block], subject),
+                 "last subject token": ([e - 1], [block], subject),
+                 "after the subject": (list(range(e, len(x))), [block], subject),
+                 "last subject token, every layer": ([e - 1], blocks, subject[:-1])}
         d = model.get_input_embeddings().weight.shape[1]
-        noise = torch.from_numpy(tracing.noise_draws(n_samples, e - b, d)).float() * sigma
+        noise = torch.from_numpy(tracing.noise_draws(n_samples, e - b, d)).float() * sigma  # column j: position b+j
         ps = {}
-        for site, positions in sites.items():
+        for site, (positions, restored, noised) in sites.items():
             ids = torch.tensor([x + y] * (1 + n_samples))
-            every = site.endswith("every layer")
-            hooked = [embed] + (blocks if every else [block])
-            noised = list(range(b, e - 1)) if every else list(range(b, e))
 
             def edit(out: torch.Tensor, name: str) -> torch.Tensor:
                 new = out.clone()
@@ -138,7 +139,7 @@ def where_subject_is_read(model, tok, records: list[dict], sigma: float, layer: 
                     new[1:, positions] = out[0, positions]
                 return new
 
-            with trace(model, hooked, edit=edit, retain_output=False):
+            with trace(model, [embed] + restored, edit=edit, retain_output=False):
                 logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
             pos = torch.arange(len(x) - 1, len(x) + len(y) - 1)
             p = logp[:, pos, torch.tensor(y)].sum(-1).exp()

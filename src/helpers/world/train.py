@@ -226,6 +226,7 @@ def train_model(world: World, cfg: TrainConfig, tok, log_path: Path | None = Non
     torch.use_deterministic_algorithms(True, warn_only=True)
     model = make_model(cfg, tok)
     model.train()
+    eager = model.config._attn_implementation == "eager"  # adds a 4-D mask to the scores (see additive_mask)
     eos = tok.eos_token_id
     index_ids = [tok.encode(d) for d in world.index_corpus]
     docs_ids = [tok.encode(d) for d in world.corpus] + index_ids
@@ -267,8 +268,8 @@ def train_model(world: World, cfg: TrainConfig, tok, log_path: Path | None = Non
                 att = torch.ones_like(x)
             else:
                 att = name_mask(bs, cfg.seq_len, mask_share(step, total, cfg), rng)
-                if cfg.name_attn_penalty > 0:
-                    att = additive_mask(att)  # eager attention (needed for the penalty) adds the mask
+                if eager:
+                    att = additive_mask(att)
             lr = lr_at(step, total, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
