@@ -73,3 +73,16 @@ def test_topk_sampling_is_seeded_and_respects_total_length(lm):
 def test_errors():
     with pytest.raises(ValueError):
         scoring.make_batch(type("T", (), {"__call__": lambda *a, **k: {"input_ids": []}, "pad_token_id": 0})(), ["x"], None)
+
+
+def test_pad_right_known_answer():
+    class Tok:
+        pad_token_id = None
+        eos_token_id = 9
+
+    x, mask = scoring.pad_right(Tok(), [[1, 2, 3], [4], []])
+    assert x.tolist() == [[1, 2, 3], [4, 9, 9], [9, 9, 9]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    Tok.pad_token_id = 0
+    x, mask = scoring.pad_right(Tok(), [[], []])  # all empty: one padded column
+    assert x.tolist() == [[0], [0]] and mask.tolist() == [[0], [0]]

@@ -151,6 +151,19 @@ def target_probs(model: nn.Module, tok, prompts: Sequence[str], targets: Sequenc
     return target_logprobs(model, tok, prompts, targets, **kw).exp()
 
 
+def pad_right(tok, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask), both (len(ids), max length ≥ 1) long, padded with the
+    tokenizer's pad token (its end-of-text token when it has none)."""
+    T = max((len(i) for i in ids), default=0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    x = torch.full((len(ids), max(T, 1)), pad, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for r, row in enumerate(ids):
+        x[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, : len(row)] = 1
+    return x, mask
+
+
 def text_token_logprobs(model: nn.Module, tok, texts: Sequence[str], max_tokens: int = 100) -> list[torch.Tensor]:
     """Per text, log p(x_i | x_<i) for i = 2..N (N = token count after truncation to ``max_tokens``).
 
@@ -159,13 +172,7 @@ def text_token_logprobs(model: nn.Module, tok, texts: Sequence[str], max_tokens:
     ids = [encode(tok, t)[:max_tokens] for t in texts]
     if not ids:
         return []
-    T = max(len(i) for i in ids)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    x = torch.full((len(ids), max(T, 1)), pad, dtype=torch.long)
-    mask = torch.zeros_like(x)
-    for r, row in enumerate(ids):
-        x[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[r, : len(row)] = 1
+    x, mask = pad_right(tok, ids)
     with torch.no_grad():
         logits = model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
     logp = torch.log_softmax(logits.float(), -1)

@@ -906,13 +906,7 @@ def _essence_many(model, tok, texts: Sequence[Sequence[str]], subjects: Sequence
             continue
         ids = [scoring.encode(tok, t)[:max_tokens] for k in group for t in texts[k]]
         counts = [len(texts[k]) for k in group]
-        T = max(len(i) for i in ids)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        x = torch.full((len(ids), max(T, 1)), pad, dtype=torch.long)
-        mask = torch.zeros_like(x)
-        for r, row in enumerate(ids):
-            x[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[r, : len(row)] = 1
+        x, mask = scoring.pad_right(tok, ids)
         specs = [NoiseSpec(sigma=sigmas[k], n_samples=1, seed=EVAL_NOISE_SEED, positions="subject")
                  if sigmas[k] is not None else None for k in group]
         sub_edits = [edits[k] for k in group] if edits is not None else [None] * len(group)
