@@ -82,7 +82,6 @@ def compute_second_moments(
     names = [models.module_name(model, "down_proj", l) for l in layers]
     _, d_ff = models.dims(model)
     sums = {l: torch.zeros((d_ff, d_ff), dtype=torch.float64) for l in layers}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     count = 0
     bar = tqdm(total=n_tokens, desc=f"second moments L{layers}", unit="tok", disable=not progress)
     i = 0
@@ -96,12 +95,7 @@ def compute_second_moments(
                     rows.append(ids)
             if not rows:
                 break
-            T = max(map(len, rows))
-            ids = torch.full((len(rows), T), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), T), dtype=torch.long)
-            for r, x in enumerate(rows):
-                ids[r, : len(x)] = torch.tensor(x)
-                mask[r, : len(x)] = 1
+            ids, mask = scoring.pad_right(tok, rows)
             with hooks.trace(model, names, retain_output=False, retain_input=True, stop=True) as tr:
                 model(input_ids=ids, attention_mask=mask)
             take = min(int(mask.sum()), n_tokens - count)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import scoring
 from .generate import GENERATOR_VERSION, World, WorldConfig, build_world, config_hash, record_frequency
 from .tokenizer import train_tokenizer
 
@@ -200,12 +201,7 @@ def next_token_predictions(model, tok, prompts: list[str], batch_size: int = 64)
     out = []
     for i in range(0, len(prompts), batch_size):
         enc = [tok.encode(p) for p in prompts[i: i + batch_size]]
-        m = max(len(e) for e in enc)
-        ids = torch.full((len(enc), m), tok.eos_token_id, dtype=torch.long)
-        att = torch.zeros((len(enc), m), dtype=torch.long)
-        for j, e in enumerate(enc):
-            ids[j, : len(e)] = torch.tensor(e)
-            att[j, : len(e)] = 1
+        ids, att = scoring.pad_right(tok, enc)
         logits = model(input_ids=ids, attention_mask=att).logits
         last = att.sum(1) - 1
         out.append(logits[torch.arange(len(enc)), last].argmax(-1))
