@@ -17,9 +17,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLE_COUNTERFACT = FIXTURES / "counterfact_sample.json"
 
 
-def tiny_tokenizer(vocab_size: int = 300):
-    """A GPT-2-like byte-level BPE trained on the fixture records (fast, offline)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(vocab_size: int = 300, bos: bool = False):
+    """A GPT-2-like byte-level BPE trained on the fixture records (fast, offline). ``bos=True``: a Gemma-like
+    tokenizer that prepends its own ``<bos>`` token (a separate special token) to every encoded text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = []
@@ -30,18 +31,22 @@ def tiny_tokenizer(vocab_size: int = 300):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>"] + (["<bos>"] if bos else [])
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tk.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
+                                  bos_token="<bos>" if bos else "<|endoftext|>",
                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
     return tok
 
 
 def tiny_model(arch: str, vocab_size: int, n_layer: int = 3, seed: int = 0):
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, GPTNeoXConfig,
-                              GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM)
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTJConfig,
+                              GPTJForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0)
@@ -56,10 +61,16 @@ def tiny_model(arch: str, vocab_size: int, n_layer: int = 3, seed: int = 0):
         return LlamaForCausalLM(LlamaConfig(num_hidden_layers=n_layer, hidden_size=32, num_attention_heads=2,
                                             num_key_value_heads=2, intermediate_size=80, max_position_embeddings=128,
                                             **common))
+    if arch == "gemma3":  # BOS id 1 (tiny_tokenizer(bos=True)); a sliding window shorter than the prompts
+        return Gemma3ForCausalLM(Gemma3TextConfig(
+            num_hidden_layers=n_layer, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+            intermediate_size=80, max_position_embeddings=128, sliding_window=4, query_pre_attn_scalar=16,
+            vocab_size=vocab_size, bos_token_id=1, eos_token_id=0, pad_token_id=0))
     raise ValueError(arch)
 
 
-ARCHS = ["gpt2", "gptj", "gpt_neox", "llama"]
+ARCHS = ["gpt2", "gptj", "gpt_neox", "llama", "gemma3"]
+BOS_ARCHS = {"gemma3"}  # their fixture tokenizer prepends <bos>, as Gemma's does
 
 
 @pytest.fixture(scope="session")
@@ -68,12 +79,18 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+def bos_tokenizer():
+    return tiny_tokenizer(bos=True)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer, bos_tokenizer) -> dict[str, Path]:
     """arch -> folder with a tiny random model + tokenizer saved by save_pretrained."""
     out = {}
     for arch in ARCHS:
         d = tmp_path_factory.mktemp(f"tiny-{arch}")
-        tiny_model(arch, len(tokenizer)).save_pretrained(d)
-        tokenizer.save_pretrained(d)
+        t = bos_tokenizer if arch in BOS_ARCHS else tokenizer
+        tiny_model(arch, len(t)).save_pretrained(d)
+        t.save_pretrained(d)
         out[arch] = d
     return out

@@ -160,7 +160,7 @@ def _block_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
 
 
 @contextlib.contextmanager
-def resume_at(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+def resume_at(model: nn.Module, layer: int, hidden: torch.Tensor, force: bool = False) -> Iterator[None]:
     """Within the ``with`` block, a forward pass skips blocks ``< layer`` and feeds ``hidden`` (B, T, d), the
     residual stream entering block ``layer`` recorded earlier for the *same inputs*, into that block.
 
@@ -169,8 +169,10 @@ def resume_at(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[No
     on one batch. The remaining blocks run exactly as in a full pass (same tensors in, same ops), so outputs
     are bitwise equal to it. Record ``hidden`` with ``trace(model, block(layer), retain_input=True)``.
     Hooks on modules (``trace``) keep working; the block list is restored on exit, exceptions included.
+    ``force=True`` always resumes (tracing feeds a stream the inputs do not produce: positions >= t only);
+    otherwise ``REUSE_BELOW = False`` switches the reuse off for benchmarks.
     """
-    if layer == 0 or not REUSE_BELOW:  # nothing below to skip (the embeddings are cheap), or switched off
+    if layer == 0 or not (REUSE_BELOW or force):  # nothing below to skip (the embeddings are cheap), or switched off
         yield
         return
     parent, attr, blocks = _block_list(model)
@@ -187,11 +189,20 @@ def resume_at(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[No
     for i in range(layer, len(blocks)):
         kept._modules[str(i)] = blocks[i]
     parent._modules[attr] = kept
+    # Models that pick each block's mask / rotary table by its position in the loop (Gemma 3's
+    # ``config.layer_types[i]``) must see the types of the blocks that run, in order.
+    cfg = getattr(model, "config", None)
+    types = getattr(cfg, "layer_types", None)
+    sliced = isinstance(types, list) and len(types) == len(blocks)
+    if sliced:
+        cfg.layer_types = types[layer:]
     try:
         yield
     finally:
         parent._modules[attr] = blocks
         handle.remove()
+        if sliced:
+            cfg.layer_types = types
 
 
 

@@ -88,6 +88,20 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         unembed="lm_head",
         n_layers_attr="num_hidden_layers",
     ),
+    # Gemma 3: the embedding module scales by sqrt(d_model) itself (so noise is added to the scaled embedding,
+    # what the first block reads); four norms per block (the MLP's output is normed before the residual add,
+    # so restoring the MLP module's output restores what that norm reads); gated MLP, down_proj edited.
+    "gemma3": ArchSpec(
+        model_types=("gemma3_text", "gemma2", "gemma"),
+        embed="model.embed_tokens",
+        block="model.layers.{}",
+        mlp="model.layers.{}.mlp",
+        down_proj="model.layers.{}.mlp.down_proj",
+        attn="model.layers.{}.self_attn",
+        final_norm="model.norm",
+        unembed="lm_head",
+        n_layers_attr="num_hidden_layers",
+    ),
 }
 
 # Causal-tracing noise σ the paper used for its two models (SCIENCE.md §2); other models use 3×std.

@@ -24,9 +24,31 @@ def with_space(target: str) -> str:
     return target if target.startswith(" ") else " " + target
 
 
-def encode(tok, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens (no BOS is ever prepended)."""
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+def bos(tok) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer itself prepends a BOS token (Gemma's ``<bos>``), else ``[]``
+    (GPT-2, SmolLM2, the world tokenizer). Decided once per tokenizer by encoding a probe string."""
+    cached = getattr(tok, "_helpers_bos", None)
+    if cached is not None:
+        return list(cached)
+    bid = getattr(tok, "bos_token_id", None)
+    if bid is None:
+        return []
+    ids = list(tok("a", add_special_tokens=True)["input_ids"])
+    plain = list(tok("a", add_special_tokens=False)["input_ids"])
+    out = [bid] if ids[:1] == [bid] and plain[:1] != [bid] else []
+    try:
+        tok._helpers_bos = tuple(out)
+    except AttributeError:  # pragma: no cover - tokenizers that refuse attributes: recompute each time
+        pass
+    return out
+
+
+def encode(tok, text: str, bos_token: bool = True) -> list[int]:
+    """Token ids of ``text``: the model's BOS (only for tokenizers that add one, see :func:`bos`) followed by
+    the text's tokens without other special tokens. Targets and text pieces appended to a prompt use
+    ``bos_token=False``. Every position computed in ``helpers`` counts from the first id returned here."""
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    return bos(tok) + ids if bos_token else ids
 
 
 @dataclass
@@ -82,7 +104,7 @@ def make_batch(
     rows, plen, tlen = [], [], []
     for i, prompt in enumerate(prompts):
         x = encode(tok, prompt)
-        y = encode(tok, with_space(targets[i])) if targets is not None else []
+        y = encode(tok, with_space(targets[i]), bos_token=False) if targets is not None else []
         if not x:
             raise ValueError(f"prompt {i} tokenizes to nothing: {prompt!r}")
         if targets is not None and not y:
@@ -184,7 +206,7 @@ def text_token_logprobs(model: nn.Module, tok, texts: Sequence[str], max_tokens:
 
 
 def _strip_special(tok, ids: list[int]) -> list[int]:
-    drop = {tok.eos_token_id, tok.pad_token_id}
+    drop = {tok.eos_token_id, tok.pad_token_id, tok.bos_token_id}
     return [i for i in ids if i not in drop]
 
 

@@ -26,7 +26,6 @@ in a clean pass; its rows use kind = "zero" in the same table (see :func:`zero_f
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -39,7 +38,7 @@ from torch import nn
 from .hooks import trace
 from .models import PAPER_NOISE, arch_of, module, module_name, n_layers
 from .models import window as models_window
-from .scoring import Batch, encode, log_probs, make_batch, target_logprob_from_logits
+from .scoring import Batch, bos, encode, log_probs, make_batch, target_logprob_from_logits
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ def _token_offsets(tok, prompt: str) -> list[tuple[int, int]]:
         enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
         return [tuple(o) for o in enc["offset_mapping"]]
     offsets, pos = [], 0
-    for i in encode(tok, prompt):  # the published code's method: decode each token, concatenate
+    for i in encode(tok, prompt, bos_token=False):  # the published code's method: decode each token, concatenate
         n = len(tok.decode([i]))
         offsets.append((pos, pos + n))
         pos += n
@@ -118,7 +117,8 @@ def _token_offsets(tok, prompt: str) -> list[tuple[int, int]]:
 
 
 def subject_range(tok, prompt: str, subject: str, case_id=None) -> tuple[int, int]:
-    """Token range [b, e) of the first occurrence of ``subject`` in ``prompt`` (prompt tokens, no BOS).
+    """Token range [b, e) of the first occurrence of ``subject`` in ``prompt``, counted in the ids of
+    :func:`helpers.scoring.encode` (so a tokenizer's BOS, when it adds one, is position 0).
 
     b is the first token ending after the subject's first character, e is one past the last token starting
     before its end. Raises :class:`SubjectNotFoundError` (naming ``case_id``, prompt and subject) if absent.
@@ -129,7 +129,8 @@ def subject_range(tok, prompt: str, subject: str, case_id=None) -> tuple[int, in
     e = next((i for i in range(len(offsets) - 1, -1, -1) if offsets[i][0] < c1), None)
     if b is None or e is None or e < b:
         raise SubjectNotFoundError(case_id, prompt, subject)
-    return b, e + 1
+    shift = len(bos(tok))
+    return b + shift, e + 1 + shift
 
 
 def fill_prompt(prompt: str, subject: str) -> str:
@@ -171,7 +172,8 @@ def subject_embedding_std(model: nn.Module, tok, subjects: Iterable[str]) -> flo
     """Standard deviation of all token-embedding entries of the (bare, un-prefixed) subject tokens, as ROME's
     ``collect_embedding_std`` computes it (one pooled std over every entry)."""
     emb = module(model, "embed")
-    rows = [emb(torch.tensor([encode(tok, s)]))[0] for s in dict.fromkeys(subjects) if s and encode(tok, s)]
+    rows = [emb(torch.tensor([encode(tok, s, bos_token=False)]))[0]
+            for s in dict.fromkeys(subjects) if s and encode(tok, s, bos_token=False)]
     if not rows:
         raise ValueError("no subject tokens to compute the embedding std from")
     return float(torch.cat(rows).double().std())
@@ -330,207 +332,17 @@ def reference_trace(
     return TraceArrays(p_clean, p_corrupt, out)
 
 
-# ---------- fast path: GPT-2, corrupted pass once, recompute only positions >= t from the window start ---------
+# ---------- fast path: every architecture (helpers.tracing_fast) ----------------------------------------------
 
 
 def fast_path_supported(model: nn.Module) -> bool:
-    """True for the GPT-2 architecture (our world model, GPT2-XL) without cross-attention."""
-    cfg = model.config
-    return (
-        getattr(cfg, "model_type", None) == "gpt2"
-        and not getattr(cfg, "add_cross_attention", False)
-        and hasattr(getattr(model, "transformer", None), "wpe")
-    )
-
-
-def _attn_scale(blk: nn.Module, layer: int) -> float:
-    attn = blk.attn
-    if hasattr(attn, "scaling"):
-        return float(attn.scaling)
-    s = attn.head_dim**-0.5 if attn.scale_attn_weights else 1.0
-    return s / float(layer + 1) if attn.scale_attn_by_inverse_layer_idx else s
-
-
-def _gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh-approximated GELU, computed in place on ``x`` (no autograd).
-
-    0.5 x (1 + tanh(u)) = x sigmoid(2u) with u = sqrt(2/pi) (x + 0.044715 x^3): the same function, within
-    5e-7 of transformers' formula, about 2x faster on a CPU than torch's tanh kernel (one sigmoid, no tanh).
-    """
-    y = x * x
-    y.mul_(0.044715).add_(1.0).mul_(x).mul_(2.0 * math.sqrt(2.0 / math.pi)).sigmoid_()
-    return x.mul_(y)
-
-
-def _mlp_fn(blk: nn.Module):
-    """The block's MLP; GPT-2's tanh-approximated GELU is run as :func:`_gelu_tanh_` (same formula)."""
-    mlp = blk.mlp
-    if type(mlp.act).__name__ not in ("NewGELUActivation", "TanhGELU", "GELUTanh", "PytorchGELUTanh"):
-        return mlp
-    if mlp.c_fc.weight.dtype in (torch.float32, torch.float64):
-        return lambda h: mlp.c_proj(_gelu_tanh_(mlp.c_fc(h)))
-    # half precision: one fused kernel rounds once, the in-place chain would round at every step
-    return lambda h: mlp.c_proj(torch.nn.functional.gelu(mlp.c_fc(h), approximate="tanh"))
-
-
-def _gpt2_block(
-    blk: nn.Module,
-    x: torch.Tensor,
-    kp: torch.Tensor | None,
-    vp: torch.Tensor | None,
-    scale: float,
-    restore: tuple[str, torch.Tensor, torch.Tensor] | None = None,
-    q_from: int = 0,
-    mlp=None,
-):
-    """A GPT-2 block on positions t..t+s-1 of G groups of N rows, with cached keys/values of positions < t.
-
-    x: (G, N, s, d) residual stream entering the block; kp, vp: (N, H, t, hd) (shared by all groups) or None.
-    ``restore = (kind, groups, value)`` overwrites the ``kind`` output ("attn", "mlp" or "hidden") at suffix
-    position 0 in the listed groups with ``value`` (d,). ``q_from`` > 0 computes outputs only for suffix positions
-    >= q_from (keys/values still from all), for the last layer where only the target-scoring positions matter.
-    Returns (x_out (G, N, s - q_from, d), k, v, attn_out, mlp_out) with k, v of shape (G, N, H, s, hd).
-    """
-    G, N, s, d = x.shape
-    H = blk.attn.num_heads
-    hd = d // H
-    q, k, v = blk.attn.c_attn(blk.ln_1(x)).split(d, dim=-1)
-    q, k, v = (z.reshape(G, N, s, H, hd).transpose(2, 3) for z in (q, k, v))  # (G, N, H, s, hd)
-    if q_from:
-        q, x = q[:, :, :, q_from:], x[:, :, q_from:]
-    sq = s - q_from
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    causal = torch.ones(sq, s, dtype=torch.bool, device=x.device).tril(diagonal=q_from)
-    scores = scores.masked_fill(~causal, float("-inf"))
-    t = 0 if kp is None else kp.shape[2]
-    if t:
-        qf = q.permute(1, 2, 0, 3, 4).reshape(N, H, G * sq, hd)  # fold groups into the query axis
-        sp = (torch.matmul(qf, kp.transpose(-1, -2)) * scale).reshape(N, H, G, sq, t).permute(2, 0, 1, 3, 4)
-        scores = torch.cat([sp, scores], dim=-1)  # key order = absolute position order
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs[..., t:], v)
-    if t:
-        pf = probs[..., :t].permute(1, 2, 0, 3, 4).reshape(N, H, G * sq, t)
-        out = out + torch.matmul(pf, vp).reshape(N, H, G, sq, hd).permute(2, 0, 1, 3, 4)
-    a = blk.attn.c_proj(out.transpose(2, 3).reshape(G, N, sq, d))
-    kind, groups, value = restore if (restore is not None and q_from == 0) else (None, None, None)
-    if kind == "attn":
-        a[groups, :, 0] = value
-    h = x + a
-    m = (mlp or blk.mlp)(blk.ln_2(h))
-    if kind == "mlp":
-        m[groups, :, 0] = value
-    y = h + m
-    if kind == "hidden":
-        y[groups, :, 0] = value
-    return y, k, v, a, m
-
-
-def _score_suffix(model: nn.Module, fact: Fact, x: torch.Tensor, first: int) -> torch.Tensor:
-    """(G,) mean over the N rows of p(target) from final states x (G, N, s, d); ``first`` is the index in x of the
-    last prompt token (the first position scoring a target token)."""
-    G, N = x.shape[:2]
-    T, Ty = fact.prompt_len, fact.target_len
-    xs = x[:, :, first : first + Ty].reshape(G * N, Ty, -1)  # positions scoring the target tokens
-    logits = module(model, "unembed")(module(model, "final_norm")(xs))
-    logp = log_probs(logits)
-    target = fact.ids[T : T + Ty].to(logp.device).view(1, Ty, 1).expand(G * N, Ty, 1)  # same tokens in every row
-    return logp.gather(-1, target).sum((1, 2)).exp().reshape(G, N).mean(1)
-
-
-def _needed_len(fact: Fact) -> int:
-    """Positions the fast path computes: the prompt and every target token but the last (T + Ty - 1)."""
-    return fact.prompt_len + fact.target_len - 1
-
-
-@dataclass
-class _Corrupted:
-    """What the fast path keeps from the one clean + corrupted pass (row 0 clean, rows 1..N noised)."""
-
-    p_clean: float
-    p_corrupt: float
-    h_in: list[torch.Tensor]  # per layer, (N, S, d): corrupted residual stream entering the block
-    keys: list[torch.Tensor]  # per layer, (N, H, S, hd): corrupted keys
-    values: list[torch.Tensor]
-    clean: dict[str, list[torch.Tensor]]  # kind -> per layer (S, d): clean module output
-    mid: list[torch.Tensor]  # per layer, (N, S, d): corrupted stream after the attention (input + attn output)
-    h_out: list[torch.Tensor]  # per layer, (N, S, d): corrupted block output
-
-
-@torch.no_grad()
-def _corrupted_pass(model: nn.Module, fact: Fact, noise: torch.Tensor) -> _Corrupted:
-    blocks = model.transformer.h
-    # The last target token scores nothing and, under causal attention, no other position reads it: drop it.
-    ids = fact.ids[: _needed_len(fact)].unsqueeze(0).repeat(noise.shape[0] + 1, 1)
-    x = _add_noise(module(model, "embed")(ids), noise.to(model.device), fact.b, fact.e, 1)
-    x = model.transformer.drop(x + model.transformer.wpe(torch.arange(ids.shape[1], device=ids.device))[None])
-    x = x.unsqueeze(0)
-    h_in, keys, values, clean = [], [], [], {"mlp": [], "attn": [], "hidden": []}
-    mid, h_out = [], []
-    for j, blk in enumerate(blocks):
-        h_in.append(x[0, 1:])
-        x_in = x
-        x, k, v, a, m = _gpt2_block(blk, x, None, None, _attn_scale(blk, j), mlp=_mlp_fn(blk))
-        keys.append(k[0, 1:])
-        values.append(v[0, 1:])
-        mid.append((x_in + a)[0, 1:])  # the block's own h = x + a
-        h_out.append(x[0, 1:])
-        clean["attn"].append(a[0, 0])
-        clean["mlp"].append(m[0, 0])
-        clean["hidden"].append(x[0, 0])
-    p = _score_suffix(model, fact, x.transpose(0, 1), fact.prompt_len - 1)  # one group per row
-    return _Corrupted(float(p[0]), float(p[1:].mean()), h_in, keys, values, clean, mid, h_out)
-
-
-def _first_window_layer(blk: nn.Module, c: _Corrupted, kind: str, j: int, t: int, n_groups: int,
-                        mlp) -> torch.Tensor:
-    """(n_groups, N, S - t, d): the output of block j at positions >= t for sites whose window starts at j.
-
-    A restoration at token t inside block j cannot change positions > t *in that block* (their attention reads
-    keys/values computed from the block's input), so those are the corrupted run's outputs; only position t is
-    computed: the clean output (hidden), corrupted mid-stream + clean MLP output (mlp), or the MLP on the
-    corrupted input + clean attention output (attn)."""
-    y = c.h_out[j][:, t:].clone()
-    if kind == "hidden":
-        y[:, 0] = c.clean["hidden"][j][t]
-    elif kind == "mlp":
-        y[:, 0] = c.mid[j][:, t] + c.clean["mlp"][j][t]
-    else:  # attn
-        h = c.h_in[j][:, t] + c.clean["attn"][j][t]
-        y[:, 0] = h + (mlp or blk.mlp)(blk.ln_2(h))
-    return y.unsqueeze(0).expand(n_groups, -1, -1, -1)
-
-
-def _run_sites(model: nn.Module, fact: Fact, c: _Corrupted, kind: str, t: int,
-               ranges: list[tuple[int, int]], prep: list) -> list[float]:
-    """p_restored of the sites (t, [l0, l1)) in ``ranges`` (sorted), batched, sharing identical states.
-
-    The state of site (l0, l1) after layer j >= l0 depends only on (l0, min(l1, j + 1)), so sites with the same
-    l0 are one group until their windows end (this also merges duplicate sites).
-    """
-    L = len(prep)
-    T = fact.prompt_len
-    x, index = None, {}  # index: state key (l0, m) -> group row of x
-    for j in range(ranges[0][0], L):
-        blk, scale, mlp = prep[j]
-        keys = sorted({(l0, min(l1, j + 1)) for l0, l1 in ranges if l0 <= j})
-        old = [key for key in keys if key[0] < j]  # groups already running: block j is computed for them
-        new = [key for key in keys if key[0] == j]  # groups whose window starts here: see _first_window_layer
-        q_from = T - 1 - t if j == L - 1 else 0
-        parts = []
-        if old:
-            x = x.index_select(0, torch.tensor([index[(l0, min(m, j))] for l0, m in old]))
-            groups = torch.tensor([i for i, (_, m) in enumerate(old) if m == j + 1], dtype=torch.long)
-            restore = (kind, groups, c.clean[kind][j][t]) if len(groups) else None
-            kp = c.keys[j][:, :, :t] if t else None
-            vp = c.values[j][:, :, :t] if t else None
-            parts.append(_gpt2_block(blk, x, kp, vp, scale, restore, q_from=q_from, mlp=mlp)[0])
-        if new:
-            parts.append(_first_window_layer(blk, c, kind, j, t, len(new), mlp)[:, :, q_from:])
-        x = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-        index = {key: i for i, key in enumerate(old + new)}
-    p = _score_suffix(model, fact, x, 0)  # the last layer kept positions from T - 1 on
-    return [float(p[index[r]]) for r in ranges]
+    """True for every architecture of :data:`helpers.models.ARCHITECTURES` (the fast path runs the model's own
+    decoder layers; see :mod:`helpers.tracing_fast`)."""
+    try:
+        arch_of(model)
+    except ValueError:
+        return False
+    return True
 
 
 @torch.no_grad()
@@ -543,42 +355,21 @@ def fast_trace(
     max_rows: int = 4096,
     progress: bool = False,
     tokens: Sequence[int] | None = None,
+    span: int | None = None,
 ) -> TraceArrays:
-    """Exact causal tracing for GPT-2 that recomputes only what a restoration can change.
+    """Exact causal tracing that recomputes only what a restoration can change (:mod:`helpers.tracing_fast`):
+    the corrupted pass once; per token t, its sites batched from their window start at positions >= t,
+    attending to the cached keys/values of positions < t. ``max_rows`` bounds sites x N x suffix length per
+    batch; ``span`` bounds how far apart the window starts of one batch may be (default L // 6)."""
+    from . import tracing_fast
 
-    Sites (t, W) with the same token t are batched: their states start as the corrupted stream entering layer
-    l0 = min(W) at positions >= t and run to the top, attending to the corrupted keys/values of positions < t;
-    sites sharing l0 share their states until their windows end; at the last layer only the positions scoring
-    the target are computed. ``max_rows`` bounds sites × N × suffix length per batch.
-    """
-    if not fast_path_supported(model):
-        raise ValueError(f"fast path supports GPT-2 only, not {model.config.model_type!r}: use reference_trace")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     L = n_layers(model)
-    prep = [(blk, _attn_scale(blk, j), _mlp_fn(blk)) for j, blk in enumerate(model.transformer.h)]
-    c = _corrupted_pass(model, fact, noise)
-    N, S = noise.shape[0], _needed_len(fact)
     sites = _site_list(fact, windows, L, tokens)
-    by_t: dict[int, list[tuple[int, int]]] = {}
-    for t, l0, l1 in sorted({(t, l0, l1) for t, _, _, l0, l1 in sites}):
-        by_t.setdefault(t, []).append((l0, l1))
-    result: dict[tuple[int, int, int], float] = {}
-    steps = by_t.items()
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc=f"fast {kind}", leave=False)
-    for t, ranges in steps:
-        per_chunk = max(1, max_rows // (N * (S - t)))
-        for i in range(0, len(ranges), per_chunk):
-            chunk = ranges[i : i + per_chunk]
-            for (l0, l1), p in zip(chunk, _run_sites(model, fact, c, kind, t, chunk, prep)):
-                result[(t, l0, l1)] = p
-    out = {w: np.full((fact.prompt_len, L), c.p_corrupt) for w in windows}
-    for t, w, l, l0, l1 in sites:
-        out[w][t, l] = result[(t, l0, l1)]
-    return TraceArrays(c.p_clean, c.p_corrupt, out)
+    c, result = tracing_fast.fast_p_restored(model, fact, kind, [(t, l0, l1) for t, _, _, l0, l1 in sites],
+                                             noise, _add_noise, max_rows=max_rows, span=span, progress=progress)
+    return TraceArrays(c.p_clean, c.p_corrupt, tracing_fast.as_arrays(c, result, sites, windows, fact.prompt_len, L))
 
 
 # ---------- representation zeroing (§4.5) ---------------------------------------------------------------------

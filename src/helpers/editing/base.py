@@ -168,10 +168,11 @@ def subject_token_range(tok, template: str, subject: str) -> tuple[int, int]:
     piece = subject
     if prefix.endswith(" "):
         prefix, piece = prefix[:-1], " " + subject
-    b = len(scoring.encode(tok, prefix)) if prefix else 0
-    n = len(scoring.encode(tok, piece))
+    head = scoring.encode(tok, prefix) if prefix else scoring.bos(tok)  # BOS (if any) counts as a position
+    b = len(head)
+    n = len(scoring.encode(tok, piece, bos_token=False))
     full = scoring.encode(tok, fill(template, subject))
-    pieces = (scoring.encode(tok, prefix) if prefix else []) + scoring.encode(tok, piece)
+    pieces = head + scoring.encode(tok, piece, bos_token=False)
     if full[: b + n] != pieces:
         log.warning("subject %r tokenizes differently inside %r; using the piecewise positions", subject, template)
     return b, b + n

@@ -49,10 +49,11 @@ def sample_context_templates(
     memit_length: int = 10,
 ) -> ContextTemplates:
     """Sample the templates (no caching). ``rome_length_params`` = ((max_out_len, n_samples), ...)."""
-    eos = tok.eos_token
+    # ROME samples from the end-of-text token; a model whose tokenizer prepends BOS starts from BOS alone.
+    start = "" if scoring.bos(tok) else tok.eos_token
     rome = ["{}"]
     for j, (length, n) in enumerate(rome_length_params):
-        texts = scoring.generate(model, tok, [eos] * n, max_out_len=length, top_k=5, seed=seed + j)
+        texts = scoring.generate(model, tok, [start] * n, max_out_len=length, top_k=5, seed=seed + j)
         rome += [_clean(t) + ". {}" for t in texts]
     conts = scoring.generate(model, tok, list(MEMIT_SEEDS), max_out_len=memit_length, top_k=5, seed=seed + 100)
     memit = [["{}"], [_clean(f"{s} {c}".strip()) + ". {}" for s, c in zip(MEMIT_SEEDS, conts)]]
