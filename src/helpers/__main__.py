@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check-book", help="open every built page in headless chromium and check it")
     c.add_argument("--html", type=Path, default=Path("book/_build/html"), help="the built book's html folder")
     sub.add_parser("profiles", help="list the known profiles")
+    sub.add_parser("models", help="list the named models (source, size, licence, whether converted)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "run":
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{page}: " + "; ".join(probs), file=sys.stderr)
         print(f"{len(found) - len(bad)} of {len(found)} pages load with their figures and no placeholder or error text")
         return 1 if bad else 0
+    elif args.cmd == "models":
+        from .checkpoints import list_models_text
+
+        print(list_models_text(pipeline.cache_dir()))
     elif args.cmd == "profiles":
         for name in pipeline.list_profiles():
             prof = pipeline.load_profile(name)

@@ -159,6 +159,27 @@ def _block_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     return parent, attr, getattr(parent, attr)
 
 
+class _Skip(nn.Module):
+    """Stands in for a block that :func:`resume_at` skips: returns its input stream unchanged (as a bare tensor,
+    what blocks return in transformers >= 5; a 1-tuple for older versions, whose models read ``outputs[0]``)."""
+
+    def forward(self, hidden_states: torch.Tensor | None = None, *args, **kwargs):
+        x = hidden_states if hidden_states is not None else args[0]
+        return x if _BARE_BLOCK_OUTPUT else (x,)
+
+
+def _transformers_major() -> int:
+    try:
+        import transformers
+
+        return int(transformers.__version__.split(".")[0])
+    except Exception:  # pragma: no cover
+        return 5
+
+
+_BARE_BLOCK_OUTPUT = _transformers_major() >= 5
+
+
 @contextlib.contextmanager
 def resume_at(model: nn.Module, layer: int, hidden: torch.Tensor, force: bool = False) -> Iterator[None]:
     """Within the ``with`` block, a forward pass skips blocks ``< layer`` and feeds ``hidden`` (B, T, d), the
@@ -176,7 +197,7 @@ def resume_at(model: nn.Module, layer: int, hidden: torch.Tensor, force: bool = 
         yield
         return
     parent, attr, blocks = _block_list(model)
-    if type(blocks) is not nn.ModuleList or list(blocks._modules) != [str(i) for i in range(len(blocks))]:
+    if type(blocks) is not nn.ModuleList or any(isinstance(b, _Skip) for b in blocks):
         raise RuntimeError(f"resume_at needs the model's full block list (nested resume_at?), got {type(blocks).__name__}")
 
     def feed(_mod, args, kwargs):
@@ -185,24 +206,17 @@ def resume_at(model: nn.Module, layer: int, hidden: torch.Tensor, force: bool = 
         return args, {**kwargs, "hidden_states": hidden}
 
     handle = blocks[layer].register_forward_pre_hook(feed, with_kwargs=True)
-    kept = nn.ModuleList()  # the blocks >= layer under their own indices, so module names stay valid
-    for i in range(layer, len(blocks)):
-        kept._modules[str(i)] = blocks[i]
-    parent._modules[attr] = kept
-    # Models that pick each block's mask / rotary table by its position in the loop (Gemma 3's
-    # ``config.layer_types[i]``) must see the types of the blocks that run, in order.
-    cfg = getattr(model, "config", None)
-    types = getattr(cfg, "layer_types", None)
-    sliced = isinstance(types, list) and len(types) == len(blocks)
-    if sliced:
-        cfg.layer_types = types[layer:]
+    # The blocks below ``layer`` are swapped for pass-throughs in place, so every block keeps its index (models
+    # that pick a block's mask, rotary table or cache layer by its index - Gemma 3 - see the same layout).
+    below = [blocks._modules[str(i)] for i in range(layer)]
+    for i in range(layer):
+        blocks._modules[str(i)] = _Skip()
     try:
         yield
     finally:
-        parent._modules[attr] = blocks
+        for i, blk in enumerate(below):
+            blocks._modules[str(i)] = blk
         handle.remove()
-        if sliced:
-            cfg.layer_types = types
 
 
 

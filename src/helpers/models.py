@@ -212,7 +212,8 @@ def load_model(
     local_files_only: bool | None = None,
     fused_gelu: bool = True,
 ):
-    """Load ``(model, tokenizer)`` by hub name or local folder, in eval mode with gradients off.
+    """Load ``(model, tokenizer)`` by named model (``smollm2-135m``, ``gemma3-270m``: fetched and converted
+    once, :mod:`helpers.checkpoints`), ``.gguf`` file, hub name or local folder, in eval mode, gradients off.
 
     Weights are read from safetensors. ``allow_bin=True`` also accepts ``pytorch_model.bin`` (transformers
     then loads it with ``torch.load(weights_only=True)``). A local folder is always loaded offline. The
@@ -222,6 +223,12 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoints import resolve_model_source
+
+    if str(name_or_path) != "world":  # named models and .gguf files: their converted float32 folder
+        from .pipeline import cache_dir
+
+        name_or_path = resolve_model_source(str(name_or_path), cache_dir())
     path = Path(name_or_path)
     is_local = path.exists()
     if local_files_only is None:

@@ -31,7 +31,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # Default sections; a profile overrides what it names.
 DEFAULTS: dict[str, Any] = {
     "description": "",
-    "model": "world",  # "world" = the embedded world's model; else a hub name or a local folder
+    "model": "world",  # "world"; a named model (smollm2-135m, gemma3-270m); a .gguf file; a hub name; a folder
     "world": "default",  # world preset when model == "world"
     "data": "world",  # "world" = the world's records; "official" = download; or a path to counterfact.json
     "n_records": 2000,  # candidate records: the first N (SCIENCE.md §1.3)
@@ -137,7 +137,9 @@ def resolve_model(profile: Profile) -> str:
         from .world import ensure_world_model
 
         return str(ensure_world_model(profile.raw["world"], cache_dir()))
-    return str(profile.raw["model"])
+    from .checkpoints import resolve_model_source
+
+    return resolve_model_source(str(profile.raw["model"]), cache_dir())
 
 
 def resolve_data(profile: Profile) -> str:

@@ -1,0 +1,143 @@
+"""Editing on the real-model architectures (issue 19): tiny Llama (no BOS, like SmolLM2) and Gemma 3 (its
+tokenizer prepends <bos>; embeddings scaled inside the embedding module; four norms per block) models trained
+here for a few seconds on the fact sentences of tests/test_editing.py.
+
+On each: every method raises p(target_new), FT's L-inf clamp holds, ROME's subject position skips the BOS, and
+the batched editing path equals the one-fact path within tolerance.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_editing import HP, _corpus  # noqa: E402
+
+from helpers import editing as E  # noqa: E402
+from helpers import models, scoring  # noqa: E402
+from helpers.editing import base as B  # noqa: E402
+from helpers.editing import batched as BT  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _tokenizer(docs: list[str], bos: bool):
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers import models as tmodels
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(tmodels.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>"] + (["<bos>"] if bos else [])
+    t.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token=eos, bos_token="<bos>" if bos else eos,
+                                   unk_token=eos, pad_token=eos)
+
+
+def _model(arch: str, vocab: int):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=48, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+            tie_word_embeddings=True))
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=48, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=12, query_pre_attn_scalar=12, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=0, pad_token_id=0))
+
+
+class TinyArch:
+    """A tiny model of ``arch`` trained on the fact sentences, with its statistics and templates."""
+
+    def __init__(self, arch: str, cache_dir: Path, steps: int = 300, seed: int = 0):
+        torch.manual_seed(seed)
+        self.docs = _corpus()
+        self.tok = _tokenizer(self.docs, bos=arch == "gemma3")
+        self.model = _model(arch, len(self.tok))
+        rng = random.Random(seed)
+        seqs = [scoring.encode(self.tok, d) + [self.tok.eos_token_id] for d in self.docs]
+        opt = torch.optim.AdamW(self.model.parameters(), lr=3e-3)
+        self.model.train()
+        for _ in range(steps):
+            b = rng.sample(seqs, 16)
+            ids, mask = scoring.pad_right(self.tok, b)
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        self.model.eval().requires_grad_(False)
+        self.stats = E.SecondMoments(self.model, self.tok, self.docs[:400], n_tokens=3000, cache_dir=cache_dir,
+                                     progress=False)
+        self.stats.precompute(range(models.n_layers(self.model)))
+        self.templates = E.context_templates(self.model, self.tok, cache_dir=cache_dir)
+
+    def p(self, text: str, target: str) -> float:
+        return float(scoring.target_probs(self.model, self.tok, [text], [target])[0])
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny(request, tmp_path_factory):
+    return TinyArch(request.param, tmp_path_factory.mktemp(f"arch-{request.param}"))
+
+
+REQUESTS = [
+    E.EditRequest("The mother tongue of {} is", "Zor Makken", "German", case_id=1),
+    E.EditRequest("{} lives in", "Lila Durnov", "Madrid", case_id=2),
+    E.EditRequest("{} plays the", "Ottar Venn", "violin", case_id=3),
+]
+
+
+def test_the_model_learnt_and_bos_is_handled(tiny):
+    assert tiny.p("Zor Makken lives in", "Paris") + tiny.p("Zor Makken lives in", "Berlin") \
+        + tiny.p("Zor Makken lives in", "Madrid") + tiny.p("Zor Makken lives in", "Rome") > 0.5
+    has_bos = tiny.model.config.model_type == "gemma3_text"
+    assert bool(scoring.bos(tiny.tok)) == has_bos
+    b, e = B.subject_token_range(tiny.tok, "{} lives in", "Zor Makken")
+    ids = scoring.encode(tiny.tok, "Zor Makken lives in")
+    assert b == (1 if has_bos else 0) and tiny.tok.decode(ids[b:e]).strip() == "Zor Makken"
+    assert all("<bos>" not in t for t in tiny.templates.rome + tiny.templates.memit[1])
+
+
+@pytest.mark.parametrize("method", E.METHODS)
+def test_every_method_raises_p_target_new(tiny, method):
+    req = REQUESTS[0]
+    p0 = tiny.p(req.text, req.target)
+    e = E.edit(tiny.model, tiny.tok, req, method, 0, HP[method], stats=tiny.stats, templates=tiny.templates)
+    with E.applied(tiny.model, e):
+        p1 = tiny.p(req.text, req.target)
+    assert p1 > 3 * p0, (method, p0, p1)
+    assert tiny.p(req.text, req.target) == p0  # restored
+
+
+@pytest.mark.parametrize("method,eps", [("ft1", 2e-3), ("ft5", 5e-4)])
+def test_linf_clamp_holds(tiny, method, eps):
+    e = E.edit(tiny.model, tiny.tok, REQUESTS[1], method, 1, {"norm_constraint": eps}, stats=tiny.stats)
+    assert max(e.info["max_abs_delta"]) <= eps * (1 + 1e-6)
+    assert max(e.info["max_abs_delta"]) == pytest.approx(eps)  # the constraint binds, so the test can fail
+
+
+@pytest.mark.parametrize("method", E.METHODS)
+def test_batched_equals_one_fact_path(tiny, method):
+    one = [E.edit(tiny.model, tiny.tok, r, method, 0, HP[method], stats=tiny.stats, templates=tiny.templates)
+           for r in REQUESTS]
+    many = BT.edit_many(tiny.model, tiny.tok, REQUESTS, method, 0, HP[method], stats=tiny.stats,
+                        templates=tiny.templates, exact=False)
+    for r, a, b in zip(REQUESTS, many, one):
+        with E.applied(tiny.model, a):
+            pa = tiny.p(r.text, r.target)
+        with E.applied(tiny.model, b):
+            pb = tiny.p(r.text, r.target)
+        assert abs(pa - pb) <= 1e-4 * pb, (method, r.case_id, pa, pb)
