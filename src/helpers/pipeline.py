@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "description": "",
     "model": "world",  # "world"; a named model (smollm2-135m, gemma3-270m); a .gguf file; a hub name; a folder
     "world": "default",  # world preset when model == "world"
-    "data": "world",  # "world" = the world's records; "official" = download; or a path to counterfact.json
+    "data": "world",  # "world"; "known" = ROME's known facts as CounterFact records; "official"; or a path
     "n_records": 2000,  # candidate records: the first N (SCIENCE.md §1.3)
     "max_facts": None,  # cap on kept (correct) facts used downstream; None = all
     "correctness_filter": True,  # keep only facts the model completes correctly (SCIENCE.md §1.3)
@@ -52,6 +52,10 @@ DEFAULTS: dict[str, Any] = {
         "exact": False,  # True: bitwise one-at-a-time results (~1.8x slower); False: equal up to float rounding
     },
     "analysis": {"window": 5, "n_boot": 200},
+    # second moments and unrelated sentences of a real model: "wikitext" (the shared WikiText-2 train split
+    # where present, else the vendored slice), "wikitext-slice", or a text file (one document per line)
+    "stats": {"corpus": None, "tokens": None},
+    "stages": None,  # None = every notebook; else the stage-name prefixes to run, e.g. [01_data, 02_tracing]
 }
 
 
@@ -142,8 +146,24 @@ def resolve_model(profile: Profile) -> str:
     return resolve_model_source(str(profile.raw["model"]), cache_dir())
 
 
+def known_data(seed: int = 0, cache: Path | None = None) -> Path:
+    """ROME's known facts as CounterFact-schema records (:mod:`helpers.known`), written once into the cache;
+    unrelated sentences for the paraphrase prompts come from the WikiText-2 corpus."""
+    from .corpus import corpus_for, unrelated_sentences
+    from .known import KNOWN_SHA256, write_known_counterfact
+
+    dest = (cache or cache_dir()) / "data" / f"known_counterfact_{KNOWN_SHA256[:12]}_s{seed}.json"
+    if not dest.exists():
+        sentences = unrelated_sentences(corpus_for("wikitext-slice"), 400, seed)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        write_known_counterfact(dest, seed=seed, corpus_sentences=sentences)
+    return dest
+
+
 def resolve_data(profile: Profile) -> str:
     """Path (or "official") of the CounterFact file the profile uses."""
+    if profile.raw["data"] == "known":
+        return str(known_data(int(profile.raw["seed"])))
     if profile.raw["data"] == "world":
         if not profile.uses_world:
             raise ValueError(f"profile {profile.name}: data 'world' needs model 'world'")
@@ -170,6 +190,9 @@ def stages(profile: Profile, root: Path | None = None) -> list[Stage]:
     for nb in sorted(nb_dir.glob("[0-9][0-9]_*.ipynb")):
         stem = nb.stem
         if stem.startswith("00_world") and not profile.uses_world:
+            continue
+        wanted = profile.raw.get("stages")
+        if wanted is not None and not any(stem.startswith(str(w)) for w in wanted):
             continue
         if stem.startswith("03_editing"):
             ed = profile.raw["editing"]

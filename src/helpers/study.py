@@ -94,6 +94,8 @@ class Study:
             return "gpt-j"
         if "gpt2-xl" in name:
             return "gpt2-xl"
+        if "smollm2" in name:
+            return "smollm2-135m"
         return "world"
 
     def hparams(self, method: str, problem: str) -> dict:
@@ -103,8 +105,14 @@ class Study:
 
     # ------------------------------------------------------------------ editing resources
     @functools.cached_property
-    def corpus(self) -> str:
-        """Text corpus for second moments: the world corpus, or the profile's ``editing.corpus`` file."""
+    def corpus(self):
+        """Text corpus for second moments: the profile's ``stats.corpus`` (``wikitext``, ``wikitext-slice`` or a
+        file, :func:`helpers.corpus.corpus_for`), else ``editing.corpus`` (a file), else the world corpus."""
+        named = (self.profile.raw.get("stats") or {}).get("corpus")
+        if named:
+            from .corpus import corpus_for
+
+            return corpus_for(named)
         spec = self.profile.editing.get("corpus")
         if spec:
             return str(spec)
@@ -119,7 +127,7 @@ class Study:
     def stats(self):
         from .editing import SecondMoments
 
-        n = int(self.profile.editing.get("stats_tokens", 20000))
+        n = int((self.profile.raw.get("stats") or {}).get("tokens") or self.profile.editing.get("stats_tokens", 20000))
         return SecondMoments(self.model, self.tok, self.corpus, n_tokens=n, cache_dir=self.cache)
 
     @functools.cached_property
