@@ -2,6 +2,7 @@
 
     python benchmarks/tracing.py                       # the world model if helpers.world exists, else a random GPT-2
     python benchmarks/tracing.py --model PATH --facts 10 --windows 5 --kind mlp
+    python benchmarks/tracing.py --model smollm2-135m --data known --facts 8 --windows 10 --repeats 1 --threads 2
 
 --model PATH is a saved model folder (config, tokenizer, safetensors). When it does not exist, a random GPT-2
 (--layers/--d-model) with a byte-level BPE tokenizer trained on synthetic sentences is saved there first.
@@ -26,7 +27,7 @@ import pandas as pd
 import torch
 
 from helpers import tracing
-from helpers.models import load_model, n_layers
+from helpers.models import dims, load_model, n_layers
 
 SUBJECTS = [
     "Danielle Darrieux", "Toko Yasuda", "Edwin of Northumbria", "Apple A5", "Kalvorin Destrahe", "Miro Tannenhall",
@@ -42,6 +43,19 @@ TEMPLATES = [
 ]
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), for the record of where the figures were measured."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
 def synthetic_facts(n: int) -> pd.DataFrame:
     rows = []
     for i in range(n):
@@ -54,7 +68,11 @@ def load_facts(args) -> pd.DataFrame:
     from helpers.data import load_counterfact, to_frame
 
     src = args.facts_file
-    if src is None and args.model is not None and (args.model / "counterfact.json").exists():
+    if src is None and args.data == "known":
+        from helpers.pipeline import known_data
+
+        src = known_data()
+    if src is None and args.model is not None and (Path(args.model) / "counterfact.json").exists():
         src = args.model / "counterfact.json"
     if src is None:
         return synthetic_facts(args.facts)
@@ -107,7 +125,9 @@ def _load_or_make(path: Path, args):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="saved model folder (created as a random GPT-2 if absent)")
+    ap.add_argument("--model", default=None, help="a named model (smollm2-135m, gemma3-270m), a hub name or a saved "
+                    "model folder (a missing folder is created as a random GPT-2)")
+    ap.add_argument("--data", default=None, help="'known': ROME's known facts (else --facts-file or synthetic facts)")
     ap.add_argument("--facts", type=int, default=10, help="number of facts")
     ap.add_argument("--facts-file", type=Path, default=None, help="facts.parquet to take the facts from")
     ap.add_argument("--kind", default="mlp", choices=list(tracing.KINDS))
@@ -123,7 +143,10 @@ def main() -> None:
     windows = [int(w) for w in args.windows.split(",")]
 
     if args.model is not None:
-        model, tok = _load_or_make(args.model, args)
+        from helpers.checkpoints import NAMED_MODELS
+
+        named = args.model in NAMED_MODELS or str(args.model).endswith(".gguf")
+        model, tok = load_model(args.model) if named else _load_or_make(Path(args.model), args)
         label = str(args.model)
     else:
         model, tok, label = default_model(args)
@@ -148,7 +171,8 @@ def main() -> None:
     n = fast["case_id"].nunique()
     per = fast.groupby("case_id").agg(T=("seq_len", "first"), b=("subj_begin", "first")).mean()
     diff = (fast["p_restored"] - ref["p_restored"]).abs().max()
-    print(f"model: {label} ({n_layers(model)} layers, {model.config.n_embd} wide, {model.dtype}), threads {args.threads}")
+    print(f"cpu: {cpu_model()}, torch threads {torch.get_num_threads()}")
+    print(f"model: {label} ({n_layers(model)} layers, {dims(model)[0]} wide, {model.dtype}), threads {args.threads}")
     print(f"facts: {n}, kind {args.kind}, windows {windows}, mean prompt tokens T={per['T']:.1f}, "
           f"mean subject start b={per['b']:.1f} (work bound 4T/(T-b) ~ {4 * per['T'] / (per['T'] - per['b']):.1f})")
     print(f"fast path:      {n / t_fast:8.3f} facts/s  (median of {len(times['fast'])}: {t_fast:.2f} s)")

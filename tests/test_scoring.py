@@ -86,3 +86,26 @@ def test_pad_right_known_answer():
     Tok.pad_token_id = 0
     x, mask = scoring.pad_right(Tok(), [[], []])  # all empty: one padded column
     assert x.tolist() == [[0], [0]] and mask.tolist() == [[0], [0]]
+
+
+def test_logits_only_at_target_positions_change_nothing(lm):
+    """scoring.target_logprobs runs the unembedding only where targets are scored; the numbers equal the
+    full-logits computation (mutation check: a wrong column gives other numbers)."""
+    model, tok = lm
+    prompts = ["The mother tongue of Danielle Darrieux is", "Toko Yasuda plays", "Apple A5 was made by"]
+    targets = ["French", "the piano and the guitar", "Apple"]
+    scoring.SELECT_LOGITS = False
+    try:
+        full = scoring.target_logprobs(model, tok, prompts, targets)
+    finally:
+        scoring.SELECT_LOGITS = True
+    sel = scoring.target_logprobs(model, tok, prompts, targets)
+    torch.testing.assert_close(sel, full, rtol=1e-6, atol=1e-6)
+    b = scoring.make_batch(tok, prompts, targets)
+    rows, cols, counts = scoring.target_pairs(b)
+    assert counts == b.target_len and len(rows) == sum(counts)
+    with scoring.unembed_at(model, rows, cols - 1):  # one column early: not the same numbers
+        wrong = model(**b.model_inputs()).logits[0]
+    with scoring.unembed_at(model, rows, cols):
+        right = model(**b.model_inputs()).logits[0]
+    assert right.shape == (sum(counts), len(tok)) and not torch.allclose(wrong, right)

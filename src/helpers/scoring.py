@@ -8,6 +8,7 @@ position ids, so a padded row scores exactly as it would alone.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -126,6 +127,42 @@ def make_batch(
     return Batch(ids, mask, pos, plen, tlen, starts)
 
 
+# Logits only where they are read: the unembedding (49,152 words for SmolLM2, 262,144 for Gemma 3) runs on the
+# positions that score a target, not on every position. False computes every position (tests compare both).
+SELECT_LOGITS = True
+
+
+@contextlib.contextmanager
+def unembed_at(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor):
+    """Within the block, the model's unembedding sees only positions (rows[i], cols[i]): its input (B, T, d) is
+    replaced by the (1, R, d) gathered states, so ``.logits`` is (1, R, V) (final soft-capping, where a model has
+    it, still applies). Gradients flow through the gather."""
+    from .models import module
+
+    head = module(model, "unembed")
+    r, c = rows.reshape(-1), cols.reshape(-1)
+
+    def pre(_mod, args):
+        x = args[0]
+        return (x[r.to(x.device), c.to(x.device)].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(pre)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def target_pairs(batch: "Batch") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(rows, cols, counts): the logit positions scoring each row's target tokens, row by row."""
+    rows, cols = [], []
+    for i in range(len(batch.target_len)):
+        c0 = batch.start[i] + batch.prompt_len[i] - 1
+        rows += [i] * batch.target_len[i]
+        cols += list(range(c0, c0 + batch.target_len[i]))
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long), list(batch.target_len)
+
+
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
     """log-softmax over the last axis, in float32 at least (float64 logits stay float64)."""
     return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
@@ -163,8 +200,14 @@ def target_logprobs(
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             b = make_batch(tok, prompts[i : i + batch_size], targets[i : i + batch_size], padding_side)
-            logits = model(**b.model_inputs()).logits
-            out.append(target_logprob_from_logits(logits, b))
+            if not SELECT_LOGITS:
+                out.append(target_logprob_from_logits(model(**b.model_inputs()).logits, b))
+                continue
+            rows, cols, counts = target_pairs(b)
+            with unembed_at(model, rows, cols):
+                logits = model(**b.model_inputs()).logits[0]  # (R, V)
+            tok_lp = log_probs(logits).gather(-1, b.input_ids[rows, cols + 1][:, None])[:, 0]
+            out.append(torch.stack([x.sum() for x in tok_lp.split(counts)]))
     return torch.cat(out) if out else torch.zeros(0)
 
 

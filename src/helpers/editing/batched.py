@@ -132,6 +132,11 @@ class _Targets:
         """(B,) summed log p(target | prompt)."""
         return self.token_logprobs(logits).sum(-1)
 
+    def sums_selected(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B,) summed log p(target | prompt) from logits (B, t, V) taken at (rows, cols) only."""
+        lp = scoring.log_probs(logits)
+        return (lp.gather(-1, self.ids[..., None])[..., 0] * self.mask).sum(-1)
+
 
 def _sub_batch(batch: scoring.Batch, rows: Sequence[int]) -> scoring.Batch:
     r = torch.as_tensor(list(rows), dtype=torch.long)
@@ -884,7 +889,13 @@ def _probs_many(model, tok, prompts: Sequence[Sequence[str]], targets: Sequence[
         with torch.no_grad(), batched_noise(model, specs) as noise, \
                 applied_per_example(model, sub_edits, counts):
             noise.set_rows([(j, _ranges(tok, prompts[k], subjects[k])) for j, k in enumerate(group)])
-            logp = _Targets.of(batch).sums(model(**batch.model_inputs()).logits)
+            tg = _Targets.of(batch)
+            if scoring.SELECT_LOGITS:  # the unembedding only at the target positions
+                with scoring.unembed_at(model, tg.rows, tg.cols):
+                    lg = model(**batch.model_inputs()).logits[0].reshape(*tg.cols.shape, -1)
+                logp = tg.sums_selected(lg)
+            else:
+                logp = tg.sums(model(**batch.model_inputs()).logits)
         p = logp.exp().tolist()
         r = 0
         for k, n in zip(group, counts):
