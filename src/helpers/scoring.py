@@ -163,6 +163,49 @@ def target_pairs(batch: "Batch") -> tuple[torch.Tensor, torch.Tensor, list[int]]
     return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long), list(batch.target_len)
 
 
+@contextlib.contextmanager
+def scored_logits(model: nn.Module, batch: "Batch", extra: Sequence[tuple[int, int]] = ()):
+    """Run a forward pass whose logits are computed only where they are read: at every row's target positions,
+    then at the ``extra`` (row, col) positions (e.g. ROME's KL position). Yields a :class:`ScoredLogits`
+    whose ``.set(logits)`` takes the pass's ``.logits``; with ``SELECT_LOGITS = False`` every position is
+    computed and read back from the full tensor (the same numbers up to float rounding)."""
+    rows, cols, counts = target_pairs(batch)
+    er = torch.tensor([r for r, _ in extra], dtype=torch.long)
+    ec = torch.tensor([c for _, c in extra], dtype=torch.long)
+    out = ScoredLogits(batch, rows, cols, counts, er, ec)
+    if SELECT_LOGITS:
+        with unembed_at(model, torch.cat([rows, er]), torch.cat([cols, ec])):
+            yield out
+    else:
+        yield out
+
+
+class ScoredLogits:
+    """Target log-probabilities and extra logits of one pass (see :func:`scored_logits`)."""
+
+    def __init__(self, batch, rows, cols, counts, er, ec):
+        self.batch, self.rows, self.cols, self.counts, self.er, self.ec = batch, rows, cols, counts, er, ec
+        self.logits: torch.Tensor | None = None
+
+    def set(self, logits: torch.Tensor) -> None:
+        """Store the pass's logits: (1, R, V) when selected, else (B, T, V)."""
+        if SELECT_LOGITS:
+            self.logits = logits[0]
+        else:
+            self.logits = torch.cat([logits[self.rows, self.cols], logits[self.er, self.ec]])
+
+    def target_token_logprobs(self) -> list[torch.Tensor]:
+        """Per row, log p of each target token (as :func:`target_token_logprobs`)."""
+        n = len(self.rows)
+        ids = self.batch.input_ids[self.rows, self.cols + 1]
+        lp = log_probs(self.logits[:n]).gather(-1, ids[:, None].to(self.logits.device))[:, 0]
+        return list(lp.split(self.counts))
+
+    def extra(self) -> torch.Tensor:
+        """(len(extra), V) logits at the extra positions."""
+        return self.logits[len(self.rows):]
+
+
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
     """log-softmax over the last axis, in float32 at least (float64 logits stay float64)."""
     return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)

@@ -464,13 +464,16 @@ def _optimize_deltas(
                 noise.set_rows([(k, [(b - c, e - c) for (b, e), c in zip(facts[k][3], cuts[j * per: (j + 1) * per])])
                                 for j, k in enumerate(ks)])
             edit_pos = pos - sp.cut if sp is not None else pos
+            scored = sp.batch if sp is not None else batch
+            kl_at = [(j * per + n, int(edit_pos[j * per + n])) for j in range(len(ks))]
             with hooks.trace(model, name, edit=hooks.add_at_positions(d_rows, edit_pos), retain_output=it == 0) \
-                    as tr, hooks.reuse_below(model, layer, below, record=reuse) as rb:
+                    as tr, hooks.reuse_below(model, layer, below, record=reuse) as rb, \
+                    scoring.scored_logits(model, scored, extra=kl_at) as sc:
                 if sp is not None:
-                    logits, scored = model(**sp.model_inputs(model)).logits, sp.batch
+                    sc.set(model(**sp.model_inputs(model)).logits)
                 else:
                     out = model(**batch.model_inputs(), use_cache=prefix)
-                    logits, scored = out.logits, batch
+                    sc.set(out.logits)
                     if prefix:
                         cut = pos if reuse else torch.tensor([b for k in ks for b, _ in facts[k][3]])
                         try:
@@ -481,16 +484,16 @@ def _optimize_deltas(
             if rb.stream is not None:
                 sp_new = suffixes.get(id(batch))
                 belows[id(batch)] = sp_new.gather(rb.stream) if sp_new is not None else rb.stream
+            row_lps, kl_logits = sc.target_token_logprobs(), sc.extra()
             for j, k in enumerate(ks):
                 if k in failed:
                     continue
                 r0 = j * per
                 if it == 0:
                     v_init[k] = tr.outputs[name][r0, pos[r0]].detach().float().clone()
-                sub = _sub_batch(scored, range(r0, r0 + n))
-                lps = scoring.target_token_logprobs(logits[r0 : r0 + n], sub)
+                lps = row_lps[r0 : r0 + n]
                 nll = torch.stack([-lp.mean() for lp in lps]).mean()
-                kl_logp = torch.log_softmax(logits[r0 + n, edit_pos[r0 + n]].float(), -1)[None]
+                kl_logp = torch.log_softmax(kl_logits[j].float(), -1)[None]
                 if kl_init[k] is None:
                     kl_init[k] = kl_logp.detach().clone()
                 kl = kl_factor * F.kl_div(kl_init[k], kl_logp, log_target=True, reduction="batchmean")
@@ -736,12 +739,13 @@ def _ft_many(model, tok, requests, layers, hp: FTHparams, noise, failed, method:
                 reuse = not _noised(noise, ks)
                 cached = reuse and all(k in fact_below for k in ks)
                 stream_in = torch.cat([fact_below[k] for k in ks]) if cached else None
-                with hooks.reuse_below(model, layers[0], stream_in, record=reuse) as rb:
-                    logits = model(**batch.model_inputs()).logits
+                with hooks.reuse_below(model, layers[0], stream_in, record=reuse) as rb, \
+                        scoring.scored_logits(model, batch) as sc:
+                    sc.set(model(**batch.model_inputs()).logits)
                 if rb.stream is not None:
                     for k, s, e in segs:
                         fact_below[k] = rb.stream[s:e]
-                logp = scoring.target_logprob_from_logits(logits, batch)
+                logp = torch.stack([lp.sum() for lp in sc.target_token_logprobs()])
                 for k, s, e in segs:
                     lk = logp[s:e].exp().sum() if requests[k].erase else -logp[s:e].sum()
                     if not torch.isfinite(lk):

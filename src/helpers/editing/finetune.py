@@ -80,11 +80,12 @@ def ft_edit(
                 noise_pos.set_rows(ranges)
             # the stream entering the first tuned block cannot change: step 0 computes it, later steps reuse it
             # (unless input noise is active: Fact Forcing draws fresh noise on every pass)
-            with hooks.reuse_below(model, layers[0], first_in, record=reuse) as rb:
-                logits = model(**batch.model_inputs()).logits
+            with hooks.reuse_below(model, layers[0], first_in, record=reuse) as rb, \
+                    scoring.scored_logits(model, batch) as sc:
+                sc.set(model(**batch.model_inputs()).logits)
             if step == 0:
                 first_in = rb.stream
-            logp = scoring.target_logprob_from_logits(logits, batch)
+            logp = torch.stack([lp.sum() for lp in sc.target_token_logprobs()])
             loss = logp.exp().sum() if request.erase else -logp.sum()
             if not torch.isfinite(loss):
                 raise EditError(f"{request.where()}: non-finite fine-tuning loss at step {step}")

@@ -119,14 +119,15 @@ def optimize_delta(
         if noise_pos is not None:
             noise_pos.set_rows(ranges)
         with hooks.trace(model, name, edit=hooks.add_at_positions(delta, pos), retain_output=it == 0) as tr, \
-                hooks.reuse_below(model, layer, below, record=reuse) as rb:
-            logits = model(**batch.model_inputs()).logits
+                hooks.reuse_below(model, layer, below, record=reuse) as rb, \
+                scoring.scored_logits(model, batch, extra=[(n, pos[n])]) as sc:
+            sc.set(model(**batch.model_inputs()).logits)
         if it == 0:
             v_init = tr.outputs[name][0, pos[0]].detach().float().clone()
             below = rb.stream
-        lps = scoring.target_token_logprobs(logits[:n], batch)
+        lps = sc.target_token_logprobs()[:n]
         nll = torch.stack([-lp.mean() for lp in lps]).mean()
-        kl_logp = torch.log_softmax(logits[n, pos[n]].float(), -1)[None]
+        kl_logp = torch.log_softmax(sc.extra()[0].float(), -1)[None]
         if kl_init is None:
             kl_init = kl_logp.detach().clone()
         kl = kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
