@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import pipeline
+from .runlock import RunLocked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--only", nargs="*", default=None, help="run only stages whose name starts with these")
     r.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="independent stages (editing cells) run this many at a time (default: 2 on 2+ cores)")
+    r.add_argument("--wait", action="store_true",
+                   help="if another run is using this profile's results folder, wait for it (default: refuse)")
     b = sub.add_parser("build-book", help="build the Jupyter Book (warnings are errors)")
     b.add_argument("--book-dir", type=Path, default=None)
     c = sub.add_parser("check-book", help="open every built page in headless chromium and check it")
@@ -31,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "run":
         try:
-            pipeline.run(args.profile, book_dir=args.book_dir, force=args.force, only=args.only, jobs=args.jobs)
-        except pipeline.StageFailed as err:
+            pipeline.run(args.profile, book_dir=args.book_dir, force=args.force, only=args.only, jobs=args.jobs,
+                         wait=args.wait)
+        except (pipeline.StageFailed, RunLocked) as err:
             print(f"[pipeline] ERROR: {err}", file=sys.stderr)
             return 1
     elif args.cmd == "build-book":

@@ -35,7 +35,50 @@ class RecordError(ValueError):
 
     def __init__(self, case_id: Any, field_name: str, problem: str):
         self.case_id, self.field, self.problem = case_id, field_name, problem
-        super().__init__(f"CounterFact record case_id={case_id}: field {field_name!r}: {problem}")
+        super().__init__(f"CounterFact record {self.line}")
+
+    @property
+    def line(self) -> str:
+        """``case_id=X: field 'F': problem``."""
+        return f"case_id={self.case_id}: field {self.field!r}: {self.problem}"
+
+
+MAX_ERROR_LINES = 20
+
+
+class RecordErrors(RecordError):
+    """Every problem found in a set of records, in one error (``.errors``, in file order).
+
+    A :class:`RecordError` whose ``case_id``/``field``/``problem`` are the first problem's; with one problem its
+    message is that problem's own message. Otherwise one line per problem, at most ``MAX_ERROR_LINES``.
+    """
+
+    def __init__(self, errors: Sequence[RecordError], max_lines: int = MAX_ERROR_LINES):
+        flat = [e for err in errors for e in (err.errors if isinstance(err, RecordErrors) else [err])]
+        if not flat:
+            raise ValueError("RecordErrors needs at least one RecordError")
+        self.errors = flat
+        first = flat[0]
+        self.case_id, self.field, self.problem = first.case_id, first.field, first.problem
+        ValueError.__init__(self, str(first) if len(flat) == 1 else _summary(flat, max_lines))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _summary(errors: Sequence[RecordError], max_lines: int) -> str:
+    """Header, one line per problem (at most ``max_lines``), and what was left out."""
+    records = list(dict.fromkeys(str(e.case_id) for e in errors))
+    lines = [f"{_plural(len(records), 'bad CounterFact record')} ({_plural(len(errors), 'problem')}):"]
+    lines += [f"  {e.line}" for e in errors[:max_lines]]
+    hidden = errors[max_lines:]
+    if hidden:
+        shown = {str(e.case_id) for e in errors[:max_lines]}
+        unseen = len([r for r in records if r not in shown])
+        lines.append(f"  ... and {_plural(unseen, 'more bad record')} ({_plural(len(hidden), 'more problem')} "
+                     f"not listed)")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -88,12 +131,14 @@ def _get(obj: dict, key: str, case_id: Any, path: str, kind: type | tuple[type, 
 
 
 def _str_list(obj: dict, key: str, case_id: Any, required: bool = True) -> tuple[str, ...]:
+    """A list of non-empty strings; every bad item is reported."""
     if key not in obj and not required:
         return ()
     items = _get(obj, key, case_id, key, list)
-    for i, s in enumerate(items):
-        if not isinstance(s, str) or not s.strip():
-            raise RecordError(case_id, f"{key}[{i}]", "expected a non-empty string")
+    bad = [RecordError(case_id, f"{key}[{i}]", "expected a non-empty string")
+           for i, s in enumerate(items) if not isinstance(s, str) or not s.strip()]
+    if bad:
+        raise RecordErrors(bad)
     return tuple(items)
 
 
@@ -106,39 +151,79 @@ def _target(rr: dict, key: str, case_id: Any) -> Target:
     return Target(s, str(tid))
 
 
+def _prompt(rr: dict, case_id: Any) -> str:
+    prompt = _get(rr, "prompt", case_id, "requested_rewrite.prompt", str)
+    if prompt.count("{}") != 1:
+        raise RecordError(case_id, "requested_rewrite.prompt", f"must contain exactly one '{{}}': {prompt!r}")
+    return prompt
+
+
+def _subject(rr: dict, case_id: Any) -> str:
+    subject = _get(rr, "subject", case_id, "requested_rewrite.subject", str)
+    if not subject.strip():
+        raise RecordError(case_id, "requested_rewrite.subject", "empty subject")
+    return subject
+
+
+def _pararel_idx(obj: dict, case_id: Any) -> int:
+    val = obj.get("pararel_idx", -1)
+    try:
+        return int(val)
+    except (TypeError, ValueError):
+        raise RecordError(case_id, "pararel_idx", f"expected int, got {type(val).__name__}") from None
+
+
+class _Problems:
+    """Collects record errors: ``take(fn, *args)`` is ``fn(*args)``, or None after noting its error."""
+
+    def __init__(self) -> None:
+        self.errors: list[RecordError] = []
+
+    def take(self, fn, *args):
+        try:
+            return fn(*args)
+        except RecordError as err:
+            self.errors.append(err)
+            return None
+
+
 def parse_record(obj: dict, position: int | None = None) -> Record:
     """Validate one JSON object in the official schema and return a :class:`Record`.
 
-    Raises :class:`RecordError` naming the case_id (or the list position) and the field.
+    Every problem of the record is reported at once: a :class:`RecordErrors` (a :class:`RecordError`) naming
+    the case_id (or the list position) and the field of each.
     """
     case_id: Any = obj.get("case_id", f"<position {position}>") if isinstance(obj, dict) else position
     if not isinstance(obj, dict):
         raise RecordError(case_id, "<record>", f"expected a JSON object, got {type(obj).__name__}")
-    cid = _get(obj, "case_id", case_id, "case_id", int)
-    rr = _get(obj, "requested_rewrite", cid, "requested_rewrite", dict)
-    prompt = _get(rr, "prompt", cid, "requested_rewrite.prompt", str)
-    if prompt.count("{}") != 1:
-        raise RecordError(cid, "requested_rewrite.prompt", f"must contain exactly one '{{}}': {prompt!r}")
-    subject = _get(rr, "subject", cid, "requested_rewrite.subject", str)
-    if not subject.strip():
-        raise RecordError(cid, "requested_rewrite.subject", "empty subject")
-    relation = _get(rr, "relation_id", cid, "requested_rewrite.relation_id", str)
-    t_true, t_new = _target(rr, "target_true", cid), _target(rr, "target_new", cid)
-    if t_true.str.strip() == t_new.str.strip():
-        raise RecordError(cid, "requested_rewrite.target_new", f"equals target_true ({t_true.str!r})")
-    return Record(
-        case_id=cid,
-        pararel_idx=int(obj.get("pararel_idx", -1)),
-        requested_rewrite=RequestedRewrite(prompt, subject, relation, t_true, t_new),
-        paraphrase_prompts=_str_list(obj, "paraphrase_prompts", cid),
-        neighborhood_prompts=_str_list(obj, "neighborhood_prompts", cid),
-        attribute_prompts=_str_list(obj, "attribute_prompts", cid, required=False),
-        generation_prompts=_str_list(obj, "generation_prompts", cid, required=False),
-    )
+    found = _Problems()
+    cid = found.take(_get, obj, "case_id", case_id, "case_id", int)
+    label = case_id if cid is None else cid
+    rewrite = None
+    rr = found.take(_get, obj, "requested_rewrite", label, "requested_rewrite", dict)
+    if rr is not None:
+        prompt, subject = found.take(_prompt, rr, label), found.take(_subject, rr, label)
+        relation = found.take(_get, rr, "relation_id", label, "requested_rewrite.relation_id", str)
+        t_true, t_new = found.take(_target, rr, "target_true", label), found.take(_target, rr, "target_new", label)
+        if t_true is not None and t_new is not None and t_true.str.strip() == t_new.str.strip():
+            found.errors.append(
+                RecordError(label, "requested_rewrite.target_new", f"equals target_true ({t_true.str!r})"))
+        rewrite = RequestedRewrite(prompt, subject, relation, t_true, t_new)
+    lists = {key: found.take(_str_list, obj, key, label, required) for key, required in (
+        ("paraphrase_prompts", True), ("neighborhood_prompts", True),
+        ("attribute_prompts", False), ("generation_prompts", False))}
+    pararel_idx = found.take(_pararel_idx, obj, label)
+    if found.errors:
+        raise RecordErrors(found.errors)
+    return Record(case_id=cid, pararel_idx=pararel_idx, requested_rewrite=rewrite, **lists)
 
 
 def validate_tokens(records: Iterable[Record], tok) -> None:
-    """Check that every subject and target tokenizes to at least one token (needs the model's tokenizer)."""
+    """Check that every subject and target tokenizes to at least one token (needs the model's tokenizer).
+
+    Every problem is reported at once in one :class:`RecordErrors`.
+    """
+    errors = []
     for r in records:
         rr = r.requested_rewrite
         for fld, text in (
@@ -147,15 +232,29 @@ def validate_tokens(records: Iterable[Record], tok) -> None:
             ("requested_rewrite.target_new.str", " " + rr.target_new.str.lstrip()),
         ):
             if not tok(text.strip() if fld.endswith("subject") else text, add_special_tokens=False)["input_ids"]:
-                raise RecordError(r.case_id, fld, f"tokenizes to nothing: {text!r}")
+                errors.append(RecordError(r.case_id, fld, f"tokenizes to nothing: {text!r}"))
+    if errors:
+        raise RecordErrors(errors)
 
 
 def parse_records(data: Sequence[dict], n: int | None = None) -> list[Record]:
-    """Parse the first ``n`` records of a list (all when None); the first bad one raises."""
+    """Parse the first ``n`` records of a list (all when None).
+
+    All of them are validated; every problem is reported at once in one :class:`RecordErrors` (one line per
+    problem, at most ``MAX_ERROR_LINES``).
+    """
     if not isinstance(data, list):
         raise ValueError(f"CounterFact data must be a JSON list of records, got {type(data).__name__}")
     items = data if n is None else data[:n]
-    return [parse_record(obj, i) for i, obj in enumerate(items)]
+    records, errors = [], []
+    for i, obj in enumerate(items):
+        try:
+            records.append(parse_record(obj, i))
+        except RecordError as err:
+            errors.append(err)
+    if errors:
+        raise RecordErrors(errors)
+    return records
 
 
 def sha256_of(path: Path) -> str:

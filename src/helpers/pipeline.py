@@ -263,6 +263,25 @@ def run(
     only: list[str] | None = None,
     results_root: Path | None = None,
     jobs: int = 1,
+    wait: bool = False,
+) -> list[dict]:
+    """:func:`_run` holding the lock on ``results/<profile>/.lock`` (:mod:`helpers.runlock`): one run at a time
+    per results folder. Another run holding it raises :class:`~helpers.runlock.RunLocked`, or with ``wait``
+    this run waits for it to finish."""
+    from .runlock import run_lock
+
+    with run_lock(results_dir(load_profile(profile_name), results_root), wait=wait):
+        return _run(profile_name, book_dir, root, force, only, results_root, jobs)
+
+
+def _run(
+    profile_name: str | Path,
+    book_dir: Path | None = None,
+    root: Path | None = None,
+    force: bool = False,
+    only: list[str] | None = None,
+    results_root: Path | None = None,
+    jobs: int = 1,
 ) -> list[dict]:
     """Execute the profile's stages in order; returns one dict per stage (stage, status, seconds).
 
