@@ -183,3 +183,123 @@ def write_tiny_gguf(arch: str, path: str | Path, seed: int = 0) -> tuple[Path, d
     w.close()
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return path, reference
+
+
+def _rope_theta(cfg, layer_type: str = "full_attention") -> float:
+    """``rope_theta`` of a transformers config (v5 keeps it in ``rope_parameters``, per layer type for Gemma 3)."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if layer_type in params:
+        params = params[layer_type]
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+
+
+def _byte_level_bpe(tok) -> tuple[list[str], list[str]]:
+    """(tokens in id order, merges as "a b") of a byte-level BPE tokenizer; ValueError for any other kind."""
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise ValueError("write_gguf_from_model writes byte-level BPE tokenizers only (GGUF tokenizer model 'gpt2')")
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    if [vocab[t] for t in tokens] != list(range(len(tokens))):
+        raise ValueError("the tokenizer's ids are not contiguous from 0")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return tokens, merges
+
+
+def _adds_bos(tok) -> bool:
+    """Whether the tokenizer itself prepends its BOS token (Gemma's ``<bos>``)."""
+    bid = tok.bos_token_id
+    return bid is not None and tok("a")["input_ids"][:1] == [bid] != tok("a", add_special_tokens=False)["input_ids"][:1]
+
+
+def write_gguf_from_model(model: torch.nn.Module, tok, path: str | Path, fold_query_scale: bool = True) -> Path:
+    """Write any (e.g. trained) transformers ``LlamaForCausalLM`` or ``Gemma3ForCausalLM`` with tied embeddings,
+    and its byte-level BPE tokenizer, as a float32 GGUF file at ``path``, with llama.cpp's storage conventions
+    (:func:`_gguf_tensors`: Llama's q/k permutation, Gemma's ``1 + w`` norms, no ``output.weight``).
+
+    The tokenizer is written as llama.cpp writes a byte-level BPE (``tokenizer.ggml.model = "gpt2"``): the
+    tokens in id order (special tokens typed CONTROL), the merges, the bos/eos/unk/pad ids and
+    ``tokenizer.ggml.add_bos_token`` (True when the tokenizer prepends its BOS, as Gemma's does).
+
+    Gemma 3: a GGUF file has no key for ``query_pre_attn_scalar``. llama.cpp scales attention scores by
+    ``1/sqrt(key_length)``; transformers' GGUF loader leaves the config default (256). When the model's value
+    differs from that default and ``fold_query_scale`` is True, the factor ``sqrt(256 / query_pre_attn_scalar)``
+    is folded into the stored ``attn_q_norm`` weights (the queries are RMS-normalised, so only the norm's scale
+    carries it, and rope is linear), so that transformers' loader rebuilds the same function -- to float32
+    rounding, no longer bit for bit; llama.cpp would then read queries that much too large. With
+    ``fold_query_scale=False`` such a model is refused. Config values GGUF cannot carry at all (a local rope base
+    or layer pattern other than the defaults, soft-capping) are refused too.
+    """
+    import math
+
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    arch = {"llama": "llama", "gemma3_text": "gemma3"}.get(cfg.model_type)
+    if arch is None:
+        raise ValueError(f"write_gguf_from_model writes llama and gemma3_text models, not {cfg.model_type!r}")
+    if not cfg.tie_word_embeddings:
+        raise ValueError("write_gguf_from_model writes models with tied embeddings only")
+    tokens, merges = _byte_level_bpe(tok)
+    if len(tokens) != model.get_input_embeddings().weight.shape[0]:
+        raise ValueError(f"{len(tokens)} tokens but {model.get_input_embeddings().weight.shape[0]} embedding rows")
+    special = set(tok.all_special_ids)
+    types = [CONTROL if i in special else NORMAL for i in range(len(tokens))]
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    tensors = _gguf_tensors(arch, model)
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"{arch}-from-model")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(_rope_theta(cfg))
+    if arch == "llama":
+        w.add_rope_dimension_count(head_dim)
+        w.add_tokenizer_pre("smollm")
+    else:
+        from transformers import Gemma3TextConfig
+
+        default = Gemma3TextConfig(num_hidden_layers=cfg.num_hidden_layers)
+        for key in ("layer_types", "final_logit_softcapping", "attn_logit_softcapping", "hidden_activation"):
+            if getattr(cfg, key) != getattr(default, key):
+                raise ValueError(f"GGUF cannot carry {key}={getattr(cfg, key)!r} (the loader uses "
+                                 f"{getattr(default, key)!r})")
+        if _rope_theta(cfg, "sliding_attention") != _rope_theta(default, "sliding_attention"):
+            raise ValueError("GGUF cannot carry a local rope base other than the default")
+        if cfg.query_pre_attn_scalar != default.query_pre_attn_scalar:
+            if not fold_query_scale:
+                raise ValueError(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar}: transformers' GGUF loader "
+                                 f"would use {default.query_pre_attn_scalar}")
+            c = math.sqrt(default.query_pre_attn_scalar / cfg.query_pre_attn_scalar)
+            for name, arr in tensors.items():
+                if name.endswith(".attn_q_norm.weight"):  # stored 1 + w -> c * (1 + w)
+                    tensors[name] = (c * arr.astype(np.float64)).astype(np.float32)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_tokenizer_pre("default")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for token, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
+                       ("pad", w.add_pad_token_id)):
+        if (tid := getattr(tok, f"{token}_token_id")) is not None:
+            add(tid)
+    w.add_add_bos_token(_adds_bos(tok))
+    w.add_add_eos_token(False)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
