@@ -19,6 +19,7 @@ from test_editing import HP, Tiny  # noqa: E402  (the tiny-model fixture helper)
 from helpers import editing as E  # noqa: E402
 from helpers import evaluation, scoring  # noqa: E402
 from helpers.editing import batched as BT  # noqa: E402
+from helpers.editing import batched_deltas  # noqa: E402  (where the batched path makes its SuffixPass)
 from helpers.problems import Task  # noqa: E402
 
 torch.set_num_threads(1)
@@ -118,7 +119,7 @@ def _spy_suffix_passes(monkeypatch) -> tuple[list, list]:
     """Swap in a SuffixPass that records every instance made and every suffix-only pass run."""
     made, used = [], []
 
-    class Spy(BT.SuffixPass):
+    class Spy(batched_deltas.SuffixPass):
         def __post_init__(self, cache):
             super().__post_init__(cache)
             made.append(self)
@@ -127,7 +128,7 @@ def _spy_suffix_passes(monkeypatch) -> tuple[list, list]:
             used.append(1)
             return super().model_inputs(model)
 
-    monkeypatch.setattr(BT, "SuffixPass", Spy)
+    monkeypatch.setattr(batched_deltas, "SuffixPass", Spy)
     return made, used
 
 

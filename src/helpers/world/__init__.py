@@ -7,7 +7,8 @@ Public API::
 """
 
 from .generate import RELATIONS, Entity, Fact, Relation, World, WorldConfig, build_world, record_frequency
-from .train import TrainConfig, WORLD_PRESETS, ensure_world_model, preset_configs, train_model, world_folder
+from .presets import WORLD_PRESETS, ensure_world_model, preset_configs, world_folder
+from .train import TrainConfig, train_model
 
 __all__ = [
     "RELATIONS", "Entity", "Fact", "Relation", "World", "WorldConfig", "build_world", "record_frequency",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .train import WORLD_PRESETS, ensure_world_model
+    from .presets import WORLD_PRESETS, ensure_world_model
 
     ap = argparse.ArgumentParser(prog="python -m helpers.world", description=__doc__)
     ap.add_argument("--preset", default="default", choices=sorted(WORLD_PRESETS))

@@ -1,4 +1,4 @@
-"""Train the world model (a ``transformers.GPT2LMHeadModel``) on the world corpus, with a cache.
+"""Train the world model (a ``transformers.GPT2LMHeadModel``) on the world corpus.
 
 The loop is ours: documents are joined with ``<|endoftext|>`` and packed into fixed-length blocks (no
 padding), re-shuffled and re-packed every epoch; AdamW with linear warmup and cosine decay; dropout off
@@ -10,19 +10,17 @@ of mentions, later text may not attend to a name's tokens before its last one) a
 (an auxiliary loss on the attention later text still pays to them; it needs eager attention), both on in
 the default preset, which together move the lookup onto the subject's last token; ``index_epochs`` (a
 curriculum that reads the who's-who index lines first) and the mask schedule are off in the presets.
+
+Presets and the model cache are in :mod:`.presets`, the name masks and the attention penalty in
+:mod:`.name_masks` (re-exported here).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import math
-import os
-import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +30,8 @@ import numpy as np
 import torch
 
 from .. import scoring
-from .generate import GENERATOR_VERSION, World, WorldConfig, build_world, config_hash, record_frequency
-from .tokenizer import train_tokenizer
+from .generate import World
+from .name_masks import additive_mask, attention_penalty, name_key_mask, name_mask, subject_spans
 
 log = logging.getLogger(__name__)
 
@@ -113,66 +111,6 @@ def pack(docs_ids: list[list[int]], eos: int, seq_len: int, rng: np.random.Rando
         if k < n and (e - 1) // seq_len == k:
             per_block[k].append((b - k * seq_len, e - k * seq_len))
     return blocks, per_block
-
-
-def subject_spans(tok, docs: list[str], names: list[str]) -> list[list[tuple[int, int]]]:
-    """Token spans [b, e) of every mention of a name in each document (fast-tokenizer offsets)."""
-    pattern = re.compile(r"(?<![A-Za-z])(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
-                         + r")(?![A-Za-z])")
-    out = []
-    for d in docs:
-        offs = tok(d, return_offsets_mapping=True)["offset_mapping"]
-        spans = []
-        for m in pattern.finditer(d):
-            toks = [i for i, (a, b) in enumerate(offs) if b > m.start() and a < m.end()]
-            if len(toks) >= 2:
-                spans.append((toks[0], toks[-1] + 1))
-        out.append(spans)
-    return out
-
-
-def _name_keys(block_spans: list[list[tuple[int, int]]], seq_len: int, p: float = 1.0,
-               rng: np.random.RandomState | None = None) -> torch.Tensor:
-    """(batch, 1, T, T) bool: True where a query position after a name mention meets a key among the mention's
-    tokens before its last one, for every mention (``rng`` None) or a share ``p`` of them."""
-    m = torch.zeros(len(block_spans), 1, seq_len, seq_len, dtype=torch.bool)
-    for k, spans in enumerate(block_spans):
-        for b, e in spans:
-            if rng is None or rng.rand() < p:
-                m[k, 0, e:, b: e - 1] = True
-    return m
-
-
-def name_mask(block_spans: list[list[tuple[int, int]]], seq_len: int, p: float,
-              rng: np.random.RandomState) -> torch.Tensor:
-    """(batch, 1, T, T) causal mask in which, for a share ``p`` of subject mentions, the tokens after the
-    mention cannot attend to the mention's tokens before its last one: what later text knows about the
-    subject must come from the last subject token (a name-reading bottleneck, training only)."""
-    causal = torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool))
-    return causal & ~_name_keys(block_spans, seq_len, p, rng)
-
-
-def additive_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean (batch, 1, T, T) attention mask (True: may attend) as the additive float mask that eager
-    attention expects (0 where allowed, the float minimum elsewhere). Eager attention *adds* a 4-D mask to
-    the scores, so a boolean one would be added as 0/1 and leave the future visible; sdpa takes either."""
-    return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-
-
-def name_key_mask(block_spans: list[list[tuple[int, int]]], seq_len: int) -> torch.Tensor:
-    """(batch, 1, T, T) float: 1 where a query position after a name mention meets a key among the mention's
-    tokens before its last one (what :func:`attention_penalty` discourages)."""
-    return _name_keys(block_spans, seq_len).float()
-
-
-def attention_penalty(attentions: tuple[torch.Tensor, ...], key_mask: torch.Tensor) -> torch.Tensor:
-    """Mean attention mass, over layers, heads and the query positions concerned, that text after a name
-    puts on the name's non-last tokens. attentions: per layer (B, H, T, T); key_mask from name_key_mask."""
-    rows = key_mask.amax(-1)  # (B, 1, T): query positions with any penalised key
-    n = rows.sum() * attentions[0].shape[1] * len(attentions)
-    if n == 0:
-        return torch.zeros(())
-    return sum((a * key_mask).sum() for a in attentions) / n
 
 
 def mask_share(step: int, total: int, cfg: TrainConfig) -> float:
@@ -307,108 +245,3 @@ def write_log(rows: list[dict], path: Path) -> None:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Presets and the cache
-# ----------------------------------------------------------------------------------------------------
-
-WORLD_PRESETS: dict[str, tuple[WorldConfig, TrainConfig]] = {
-    # Tiny: trains in a few seconds on one core (tests).
-    "smoke": (
-        WorldConfig(seed=0, n_person=12, n_athlete=4, n_product=4, n_organization=4, n_region=4,
-                    n_first_names=4, total_mentions=1200, zipf_offset=20.0),
-        TrainConfig(seed=0, vocab_size=2048, n_layer=4, n_embd=64, n_head=4, n_positions=128, seq_len=64,
-                    batch_size=8, epochs=20, lr=3e-3, eval_every=50, n_eval_facts=128),
-    ),
-    "default": (
-        # Look-alike distractors between subject and relation (p_distractor 0.8, two look-alikes per clause, also in
-        # relation-first sentences) and the name mask on 80% of mentions during training: enrichment at the best
-        # layer 10% (e20, the session-5 default) -> 24% (e31), both measured the same way; 25% in the world report
-        # of default-v3. Session 8 (e45): an auxiliary loss (weight 0.3) on the attention that text after an
-        # unmasked mention pays to the name's first tokens, so that what the mask asks of 80% of mentions holds
-        # for all of them at test time: 36% (e44, weight 1.0: 19%, facts learnt worse). See world_experiments.csv
-        # and the book's world chapter. Session 9 (default-v5): training seed 1 instead of 0, the same recipe; seed 0
-        # missed the top-frequency-bucket bar by one fact (89.2%), seed 1 meets it (95.4%) with the same enrichment
-        # (34.1% vs 34.7%).
-        WorldConfig(seed=0, n_person=80, n_athlete=30, n_product=30, n_organization=20, n_region=20,
-                    n_first_names=12, total_mentions=8000, n_name_syllables=85, n_siblings=1,
-                    p_distractor=0.8, n_distractors=2, distractor_relation_first=True),
-        TrainConfig(seed=1, n_layer=8, n_embd=128, n_head=4, batch_size=16, epochs=24, lr=2e-3, p_name_mask=0.8,
-                    name_attn_penalty=0.3),
-    ),
-}
-
-
-def preset_configs(preset: str) -> tuple[WorldConfig, TrainConfig]:
-    if preset not in WORLD_PRESETS:
-        raise KeyError(f"unknown world preset {preset!r}; known: {', '.join(WORLD_PRESETS)}")
-    return WORLD_PRESETS[preset]
-
-
-def world_folder(preset: str, cache_dir: Path | str, world_cfg: WorldConfig | None = None,
-                 train_cfg: TrainConfig | None = None) -> Path:
-    """The cache folder of a (world, training) configuration: ``<cache>/world/<preset>-<hash>``."""
-    wc, tc = preset_configs(preset) if world_cfg is None or train_cfg is None else (world_cfg, train_cfg)
-    return Path(cache_dir) / "world" / f"{preset}-{config_hash(wc, tc)}"
-
-
-def ensure_world_model(preset: str, cache_dir: Path | str, world_cfg: WorldConfig | None = None,
-                       train_cfg: TrainConfig | None = None, progress: bool = True) -> Path:
-    """Return the folder with the trained world model, training it first unless cached.
-
-    The folder holds the model and tokenizer (``save_pretrained``, safetensors), ``counterfact.json``
-    (records, official schema), ``corpus.txt`` (one document per line), ``facts.csv`` (fact frequencies),
-    ``train_log.csv`` and ``world.json`` (configs, timing). It is written to a temporary folder and renamed
-    at the end, so an interrupted run is never reused.
-    """
-    wc, tc = preset_configs(preset) if world_cfg is None or train_cfg is None else (world_cfg, train_cfg)
-    folder = world_folder(preset, cache_dir, wc, tc)
-    if (folder / "world.json").exists():
-        log.info("world model cached at %s", folder)
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        t0 = time.time()
-        world = build_world(wc)
-        tok = train_tokenizer(world, tc.vocab_size, seed=wc.seed)
-        t1 = time.time()
-        model, rows = train_model(world, tc, tok, log_path=tmp / "train_log.csv", progress=progress)
-        t2 = time.time()
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        with open(tmp / "counterfact.json", "w") as fh:
-            json.dump(world.records, fh)
-        with open(tmp / "corpus.txt", "w") as fh:
-            for d in world.corpus:
-                fh.write(d.replace("\n", " ") + "\n")
-        write_facts(world, tmp / "facts.csv")
-        meta = {
-            "preset": preset, "world": wc.to_dict(), "train": tc.to_dict(), "hash": config_hash(wc, tc),
-            "n_records": len(world.records), "generator_version": GENERATOR_VERSION, "n_documents": len(world.corpus),
-            "train_tokens": rows[-1]["tokens"], "train_seconds": round(t2 - t1, 1),
-            "build_seconds": round(t1 - t0, 1), "torch_threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        }
-        with open(tmp / "world.json", "w") as fh:
-            json.dump(meta, fh, indent=1)
-        if folder.exists():  # a concurrent run finished first
-            shutil.rmtree(tmp)
-        else:
-            os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
-def write_facts(world: World, path: Path) -> None:
-    """One row per record: case_id, subject, relation_id, target_true, frequency (corpus mentions)."""
-    freq = record_frequency(world)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["case_id", "subject", "relation_id", "target_true", "frequency"])
-        for r, f in zip(world.records, freq):
-            rw = r["requested_rewrite"]
-            w.writerow([r["case_id"], rw["subject"], rw["relation_id"], rw["target_true"]["str"], f])

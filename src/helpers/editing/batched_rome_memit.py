@@ -1,0 +1,204 @@
+"""Batched ROME and MEMIT (:mod:`.batched`): the key passes of many facts, the batched δ optimisation, and the
+rank-one (ROME) or spread-over-the-window (MEMIT) updates, exact or in fast mode."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Sequence
+
+import torch
+
+from .. import hooks, models, scoring
+from . import memit, rome
+from .base import Edit, EditError, EditRequest, fill, subject_ranges
+from .batched_deltas import _optimize_deltas
+from .batched_input_noise import _NoiseRows, _OneFact
+from .batched_rows import segments_from
+from .memit import MemitHparams
+from .per_example import _per_example, _PerExample
+from .rome import RomeHparams
+from .stats import SecondMoments
+
+
+def _keys_many(model, tok, filled_templates: Sequence[Sequence[str]], requests: Sequence[EditRequest],
+               layer: int, noise: _NoiseRows | None, pe: _PerExample | None = None,
+               block_layer: int | None = None):
+    """Per fact k: down-projection (input (n_k, d_ff), output (n_k, d_model)) at the last subject token of each
+    of its filled templates, in one pass (stopped after the last module needed); with ``block_layer``, also
+    block ``block_layer``'s output at those positions."""
+    texts, pos, blocks, counts = [], [], [], []
+    for k, (temps, req) in enumerate(zip(filled_templates, requests)):
+        ranges = subject_ranges(tok, temps, req.subject)
+        texts += [fill(t, req.subject) for t in temps]
+        pos += [e - 1 for _, e in ranges]
+        blocks.append((k, ranges))
+        counts.append(len(temps))
+    batch = scoring.make_batch(tok, texts)
+    name = models.module_name(model, "down_proj", layer)
+    names = [name]
+    if block_layer is not None:
+        bname = models.module_name(model, "block", block_layer)
+        names = [name, bname] if block_layer >= layer else [bname, name]
+    if noise is not None:
+        noise.set_rows(blocks)
+    if pe is not None:
+        pe.set_segments(segments_from(counts))
+    with torch.no_grad(), hooks.trace(model, names, retain_input=True, retain_output=True, stop=True) as tr:
+        model(**batch.model_inputs())
+    rows = torch.arange(len(texts))
+    p = torch.tensor(pos)
+    k_in, k_out = tr.inputs[name][rows, p].float(), tr.outputs[name][rows, p].float()
+    h = tr.outputs[bname][rows, p].float() if block_layer is not None else None
+    out, r = [], 0
+    for n in counts:
+        out.append((k_in[r : r + n], k_out[r : r + n], h[r : r + n] if h is not None else None))
+        r += n
+    return out
+
+
+def _rome_many(model, tok, requests, layer, hp: RomeHparams, stats: SecondMoments, templates: Sequence[str],
+               noise, failed, exact: bool) -> list[Edit | None]:
+    K = len(requests)
+    if exact:  # one-fact key passes (two per fact; the optimisation's 20 passes are the batched part)
+        uk: list = []
+        for k, req in enumerate(requests):
+            try:
+                uk.append(rome.left_vector(model, tok, req, layer, hp, stats, templates, _OneFact(noise, k)))
+            except EditError as err:
+                failed[k] = err
+                uk.append((None, None))
+    else:
+        keys = _keys_many(model, tok, [[fill(c, r.template) for c in templates] for r in requests], requests,
+                          layer, noise)
+        k_bar = torch.stack([k.mean(0) for k, _, _ in keys]).double()  # (K, d_ff)
+        if hp.mom2_adjustment:
+            inv = stats.inverse(layer).double()
+            u = torch.stack([inv @ k_bar[k] for k in range(K)])
+        else:
+            u = k_bar
+        u = (u / u.norm(dim=-1, keepdim=True)).float()
+        uk = [(u[k], k_bar[k]) for k in range(K)]
+        for k in range(K):
+            if not torch.isfinite(u[k]).all():
+                failed[k] = EditError(f"{requests[k].where()}: non-finite left vector u")
+    v_init, delta, infos = _optimize_deltas(
+        model, tok, requests, templates, "mlp", layer, steps=hp.v_num_grad_steps, lr=hp.v_lr,
+        weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor,
+        break_before_last=[not r.erase for r in requests], noise=noise, failed=failed, exact=exact)
+    out: list[Edit | None] = []
+    if exact:
+        for k, req in enumerate(requests):
+            if k in failed:
+                out.append(None)
+                continue
+            try:
+                out.append(rome.rome_result(model, tok, req, layer, uk[k][0], uk[k][1], v_init[k], delta[k],
+                                            infos[k], _OneFact(noise, k)))
+            except EditError as err:
+                failed[k] = err
+                out.append(None)
+        return out
+    bare = _keys_many(model, tok, [[r.template] for r in requests], requests, layer, noise)
+    for k, req in enumerate(requests):
+        if k in failed:
+            out.append(None)
+            continue
+        u_k, kb = uk[k]
+        v_star = v_init[k] + delta[k]
+        k_star, m = bare[k][0][0], bare[k][1][0]
+        denom = float(k_star.double() @ u_k.double())
+        if abs(denom) < 1e-12:
+            failed[k] = EditError(f"{req.where()}: k*^T u = {denom:g}, cannot form the right vector")
+            out.append(None)
+            continue
+        r = ((v_star - m).double() / denom).float()
+        info = infos[k]
+        info.update(k_star=k_star, v_star=v_star, m=m, v_init=v_init[k], k_bar=kb.float())
+        out.append(Edit(method="rome", layers=[layer], deltas={layer: torch.outer(r, u_k)},
+                        factors={layer: (r, u_k.clone())}, info=info))
+    return out
+
+
+_LU_CACHE: "weakref.WeakKeyDictionary[SecondMoments, dict]" = weakref.WeakKeyDictionary()
+
+
+def _lam_c_lu(stats: SecondMoments, layer: int, lam: float):
+    """LU factors of λ C (float64), cached per statistics object."""
+    cache = _LU_CACHE.setdefault(stats, {})
+    key = (layer, float(lam))
+    if key not in cache:
+        cache[key] = torch.linalg.lu_factor(lam * stats.moment(layer).double())
+    return cache[key]
+
+
+def _memit_many(model, tok, requests, layers, hp: MemitHparams, stats: SecondMoments,
+                groups: Sequence[Sequence[str]], noise, failed, exact: bool) -> list[Edit | None]:
+    K = len(requests)
+    layers = sorted(layers)
+    z_layer = layers[-1]
+    flat = [t for g in groups for t in g]
+    h_init, delta, infos = _optimize_deltas(
+        model, tok, requests, flat, "block", z_layer, steps=hp.v_num_grad_steps, lr=hp.v_lr,
+        weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor,
+        break_before_last=[True] * K, noise=noise, failed=failed, exact=exact)
+    if exact:  # the one-fact spreading per fact (2 no-grad passes per layer, the original weights edited)
+        out: list[Edit | None] = []
+        for k, req in enumerate(requests):
+            if k in failed:
+                out.append(None)
+                continue
+            try:
+                out.append(memit.spread(model, tok, req, layers, hp, stats, groups, h_init[k], delta[k], infos[k],
+                                        _OneFact(noise, k)))
+            except EditError as err:
+                failed[k] = err
+                out.append(None)
+        return out
+    d_model, d_ff = models.dims(model)
+    zero = torch.zeros(d_model)
+    z = torch.stack([h_init[k] + delta[k] if k not in failed else zero for k in range(K)])
+    h_init = torch.stack([h if h is not None else zero for h in h_init])
+    full_groups = [[[fill(t, r.template) for t in g] for g in groups] for r in requests]
+    full = [[t for g in fg for t in g] for fg in full_groups]
+    edits = [Edit(method="memit", layers=list(layers), deltas={}, info=infos[k]) for k in range(K)]
+    for k in range(K):
+        infos[k].update(z=z[k], z_layer=z_layer, h_init=h_init[k], residual_norms=[])
+    n = len(layers)
+    pe = _PerExample(model, factors={})
+    for i, layer in enumerate(layers):
+        # earlier layers' updates through per-row hooks (the one-fact path writes them into the weights)
+        with _per_example(model, pe):
+            keys = _keys_many(model, tok, full, requests, layer, noise, pe)
+            bare = _keys_many(model, tok, [[r.template] for r in requests], requests, z_layer, noise, pe,
+                              block_layer=z_layer)
+        ks = []
+        for k in range(K):
+            k_all, j, gm = keys[k][0], 0, []
+            for g in full_groups[k]:
+                gm.append(k_all[j : j + len(g)].double().mean(0))
+                j += len(g)
+            ks.append(torch.stack(gm).mean(0))
+        kmat = torch.stack(ks)  # (K, d_ff) float64
+        h_cur = torch.stack([bare[k][2][0] for k in range(K)])
+        resid = (z - h_cur).double() / (n - i)
+        # (λC + k kᵀ)⁻¹ k = y / (1 + kᵀ y) with y = (λC)⁻¹ k  (Sherman-Morrison, float64)
+        y = torch.linalg.lu_solve(*_lam_c_lu(stats, layer, hp.mom2_update_weight), kmat.T).T
+        a = y / (1 + (kmat * y).sum(-1, keepdim=True))
+        for k in range(K):
+            if k in failed:
+                continue
+            r_k, a_k = resid[k].float(), a[k].float()
+            if not (torch.isfinite(r_k).all() and torch.isfinite(a_k).all()):
+                failed[k] = EditError(f"{requests[k].where()}: non-finite residual or solve at layer {layer}")
+                continue
+            edits[k].deltas[layer] = torch.outer(resid[k], a[k]).float()
+            edits[k].factors[layer] = (r_k, a_k)
+            infos[k]["residual_norms"].append(float(resid[k].norm() * (n - i)))
+        if i < n - 1:
+            # next layer's passes see this layer's update; the one-fact path writes the float outer product
+            # into the weights: use it as a dense per-row delta (exact same delta values)
+            pe.dense[layer] = torch.stack([edits[k].deltas.get(layer, torch.zeros(d_model, d_ff))
+                                           for k in range(K)])
+            pe.layers = sorted(set(pe.dense))
+            pe.names = {models.module_name(model, "down_proj", l): l for l in pe.layers}
+    return [None if k in failed else edits[k] for k in range(K)]
