@@ -191,7 +191,13 @@ def test_batched_sweep_equals_one_edit_at_a_time(lm, facts, tmp_path, monkeypatc
     assert (moved.abs() > 1e-3).all(), "every edit changes p(target) (else the parity is vacuous)"
     if problem == "fe":
         assert (moved < 0).all()
-    pd.testing.assert_frame_equal(_without_time(one), _without_time(many), rtol=1e-5)
+    # Float rounding of batched vs one-fact matrix products (the default, non-exact path) moves p by ~1e-6
+    # relative; the essence perplexity, exp of a mean over ~100 tokens, amplifies that to ~2e-5 on some CPUs (an
+    # AVX2 EPYC here, CI): its tolerance is 1e-4 (a change of 1e-4 nats in the mean NLL), the others' 1e-5.
+    ess = [c for c in one.columns if c.startswith("essence")]
+    pd.testing.assert_frame_equal(_without_time(one).drop(columns=ess), _without_time(many).drop(columns=ess),
+                                  rtol=1e-5)
+    pd.testing.assert_frame_equal(one[ess], many[ess], rtol=1e-4)
 
 
 def _hand_logprobs(model, ids: list[int]) -> torch.Tensor:
