@@ -337,7 +337,7 @@ def _solve(c: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, bool]:
     w = torch.linalg.eigvalsh(c)
     ridge = bool(w.min() <= 1e-10 * w.max().clamp_min(1e-300))
     if ridge:
-        c = c + 1e-6 * torch.trace(c) / c.shape[0] * torch.eye(c.shape[0], dtype=c.dtype)
+        c = c + 1e-6 * torch.trace(c) / c.shape[0] * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     return torch.linalg.solve(c, k.double()), ridge
 
 
@@ -346,10 +346,11 @@ def _prompt_keys(model: nn.Module, tok, prompts: Sequence[str], layer: int) -> t
     from . import hooks, models, scoring
 
     name = models.module_name(model, "down_proj", layer)
+    dev = models.device_of(model)
     keys = []
     with torch.no_grad():
         for p in prompts:
-            ids = torch.tensor([scoring.encode(tok, p)])
+            ids = torch.tensor([scoring.encode(tok, p)], device=dev)
             with hooks.trace(model, [name], retain_output=False, retain_input=True, stop=True) as tr:
                 model(input_ids=ids)
             keys.append(tr.inputs[name][0, -1].double())
@@ -373,12 +374,13 @@ def stability(model: nn.Module, tok, docs: Sequence[str], layer: int, n_tokens: 
     if prompts:
         keys, probe = _prompt_keys(model, tok, prompts, layer), "prompts"
     else:
-        g = torch.Generator().manual_seed(seed)
-        keys, probe = torch.randn(n_probe, d_ff, generator=g, dtype=torch.float64), "random"
+        g = torch.Generator().manual_seed(seed)  # drawn on the CPU (the same keys on every device), then moved
+        keys = torch.randn(n_probe, d_ff, generator=g, dtype=torch.float64).to(c_all.device)
+        probe = "random"
     u_half, r1 = _solve(c_half, keys.T)
     u_all, r2 = _solve(c_all, keys.T)
     cos = torch.nn.functional.cosine_similarity(u_half.T, u_all.T, dim=1)
     rel = float(torch.linalg.norm(c_half - c_all) / torch.linalg.norm(c_all))
     if n_all < n_tokens:
         log.warning("stability: the corpus gave %d keys, fewer than the %d requested", n_all, n_tokens)
-    return Stability(layer, n_all, n_half, d_ff, rel, [float(x) for x in cos], probe, r1 or r2)
+    return Stability(layer, n_all, n_half, d_ff, rel, cos.tolist(), probe, r1 or r2)

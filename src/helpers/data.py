@@ -361,7 +361,7 @@ def correctness(
     out = facts.copy()
     out["continuation"] = conts
     out["is_correct"] = [scoring.is_correct(c, t) for c, t in zip(conts, facts["target_true"])]
-    out["p_true"] = scoring.target_probs(model, tok, prompts, list(facts["target_true"])).numpy()
+    out["p_true"] = scoring.target_probs(model, tok, prompts, list(facts["target_true"])).numpy()  # CPU tensor
     return out
 
 

@@ -119,7 +119,9 @@ def measure(model: nn.Module, tok, task: Task, fact: Mapping, essence: Sequence[
 @torch.no_grad()
 def top_predictions(model: nn.Module, tok, prompt: str, k: int = 5) -> list[tuple[str, float]]:
     """The ``k`` most likely next tokens after ``prompt`` with their probabilities."""
-    ids = torch.tensor([scoring.encode(tok, prompt)])
+    from .models import device_of
+
+    ids = torch.tensor([scoring.encode(tok, prompt)], device=device_of(model))
     p = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)
     vals, idx = p.topk(k)
-    return [(tok.decode([int(i)]), float(v)) for v, i in zip(vals, idx)]
+    return [(tok.decode([i]), v) for v, i in zip(vals.tolist(), idx.tolist())]

@@ -135,12 +135,13 @@ class StopForward(Exception):
 def add_at_positions(delta: torch.Tensor, positions: torch.Tensor | list[int]) -> EditFn:
     """Edit function adding ``delta`` (rows, d) or (d,) to the output at ``positions[row]`` of each row.
 
-    ``positions`` has one token index per batch row. Used by ROME/MEMIT's v* optimisation.
+    ``positions`` has one token index per batch row. Used by ROME/MEMIT's v* optimisation. The index tensors
+    live on ``delta``'s device (the model's).
     """
-    pos = torch.as_tensor(positions, dtype=torch.long)
+    pos = torch.as_tensor(positions, dtype=torch.long, device=delta.device)
 
     def fn(out: torch.Tensor, _name: str) -> torch.Tensor:
-        rows = torch.arange(out.shape[0])
+        rows = torch.arange(out.shape[0], device=out.device)
         d = delta if delta.dim() == 2 else delta.expand(out.shape[0], -1)
         new = out.clone()
         new[rows, pos] = new[rows, pos] + d.to(out.dtype)

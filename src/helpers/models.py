@@ -177,6 +177,12 @@ def window(center: int, w: int, n_layers: int) -> range:
     return range(max(0, center - w // 2), min(n_layers, center + -(-w // 2)))
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device the model runs on (its first parameter's). ``helpers`` runs a model on one device and creates
+    every tensor that meets its activations or weights there (inputs, index tensors, deltas, statistics)."""
+    return next(model.parameters()).device
+
+
 def dims(model: nn.Module) -> tuple[int, int]:
     """(d_model, d_ff) read off the layer-0 down-projection."""
     d_model, d_ff = down_proj_out_in(model, 0).shape

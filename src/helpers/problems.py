@@ -24,6 +24,7 @@ from torch import nn
 from . import scoring
 from .editing import EditRequest, NoiseSpec, input_noise
 from .editing.base import NoisePositions
+from .models import device_of
 from .tracing import fill_prompt, subject_range
 
 
@@ -164,7 +165,7 @@ def _ff_baseline(model: nn.Module, tok, prompt: str, subject: str, sigma: float,
     spec = NoiseSpec(sigma=sigma, n_samples=n, seed=1, positions="subject")
     pos = NoisePositions(spec, (b, e))
     pos.set_rows([(b, e)] * n)
-    ids = torch.tensor([scoring.encode(tok, prompt)] * n)
+    ids = torch.tensor([scoring.encode(tok, prompt)] * n, device=device_of(model))
     with input_noise(model, spec, pos):
         probs = torch.softmax(model(input_ids=ids).logits[:, -1].float(), -1).mean(0)
     return tok.decode([int(probs.argmax())]).strip()

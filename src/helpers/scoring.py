@@ -4,6 +4,11 @@ The primitive used everywhere: p(target | prompt) = prod_j p(y_j | x, y_<j), tea
 where y = tokenize(" " + target) (a leading space is always added) and the product runs over **all**
 target tokens. Batches are padded (right by default, left on request) with an attention mask and explicit
 position ids, so a padded row scores exactly as it would alone.
+
+Devices: batches are tokenized on the CPU and moved to the model's device in one copy (``make_batch(...,
+device=...)``, :meth:`Batch.to`); index tensors derived from a batch live on the batch's device. Functions that
+return results for tables (:func:`target_logprobs`, :func:`text_token_logprobs`, :func:`generate`) move them to
+the CPU once per batch. Sampling draws from a CPU ``torch.Generator`` (the same numbers on every device).
 """
 
 from __future__ import annotations
@@ -67,6 +72,17 @@ class Batch:
     target_len: list[int]
     start: list[int]
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def to(self, device: torch.device | str | None) -> "Batch":
+        """This batch with its tensors on ``device`` (itself when they are there already, or ``device`` is None)."""
+        if device is None or torch.device(device) == self.input_ids.device:
+            return self
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                     self.prompt_len, self.target_len, self.start)
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {
             "input_ids": self.input_ids,
@@ -76,7 +92,7 @@ class Batch:
 
     def last_prompt_pos(self) -> torch.Tensor:
         """(B,) column of each row's last prompt token."""
-        return torch.tensor([s + p - 1 for s, p in zip(self.start, self.prompt_len)])
+        return torch.tensor([s + p - 1 for s, p in zip(self.start, self.prompt_len)], device=self.device)
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -98,8 +114,10 @@ def make_batch(
     prompts: Sequence[str],
     targets: Sequence[str] | None = None,
     padding_side: str = "right",
+    device: torch.device | str | None = None,
 ) -> Batch:
-    """Tokenize prompt (and optional target, with leading space) pairs into one padded :class:`Batch`."""
+    """Tokenize prompt (and optional target, with leading space) pairs into one padded :class:`Batch`, built on
+    the CPU and moved to ``device`` (the model's: :func:`helpers.models.device_of`) when given."""
     if targets is not None and len(targets) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     rows, plen, tlen = [], [], []
@@ -124,7 +142,7 @@ def make_batch(
         mask[i, s : s + len(r)] = 1
         starts.append(s)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Batch(ids, mask, pos, plen, tlen, starts)
+    return Batch(ids, mask, pos, plen, tlen, starts).to(device)
 
 
 # Logits only where they are read: the unembedding (49,152 words for SmolLM2, 262,144 for Gemma 3) runs on the
@@ -160,7 +178,9 @@ def target_pairs(batch: "Batch") -> tuple[torch.Tensor, torch.Tensor, list[int]]
         c0 = batch.start[i] + batch.prompt_len[i] - 1
         rows += [i] * batch.target_len[i]
         cols += list(range(c0, c0 + batch.target_len[i]))
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long), list(batch.target_len)
+    dev = batch.device
+    return (torch.tensor(rows, dtype=torch.long, device=dev), torch.tensor(cols, dtype=torch.long, device=dev),
+            list(batch.target_len))
 
 
 @contextlib.contextmanager
@@ -170,8 +190,8 @@ def scored_logits(model: nn.Module, batch: "Batch", extra: Sequence[tuple[int, i
     whose ``.set(logits)`` takes the pass's ``.logits``; with ``SELECT_LOGITS = False`` every position is
     computed and read back from the full tensor (the same numbers up to float rounding)."""
     rows, cols, counts = target_pairs(batch)
-    er = torch.tensor([r for r, _ in extra], dtype=torch.long)
-    ec = torch.tensor([c for _, c in extra], dtype=torch.long)
+    er = torch.tensor([r for r, _ in extra], dtype=torch.long, device=batch.device)
+    ec = torch.tensor([c for _, c in extra], dtype=torch.long, device=batch.device)
     out = ScoredLogits(batch, rows, cols, counts, er, ec)
     if SELECT_LOGITS:
         with unembed_at(model, torch.cat([rows, er]), torch.cat([cols, ec])):
@@ -217,7 +237,7 @@ def target_token_logprobs(logits: torch.Tensor, batch: Batch) -> list[torch.Tens
     out = []
     for i in range(logits.shape[0]):
         s, p, t = batch.start[i], batch.prompt_len[i], batch.target_len[i]
-        cols = torch.arange(s + p - 1, s + p - 1 + t)  # logits at position c score token c+1
+        cols = torch.arange(s + p - 1, s + p - 1 + t, device=logits.device)  # logits at c score token c+1
         out.append(logp[i, cols, batch.input_ids[i, cols + 1]])
     return out
 
@@ -235,33 +255,37 @@ def target_logprobs(
     batch_size: int = 64,
     padding_side: str = "right",
 ) -> torch.Tensor:
-    """(N,) log p(target_i | prompt_i), summed over all target tokens. No gradients.
+    """(N,) log p(target_i | prompt_i), summed over all target tokens, on the CPU. No gradients.
 
     Any hooks installed on ``model`` by the caller (noise, edits) apply to every pass.
     """
+    from .models import device_of
+
     out = []
+    dev = device_of(model)
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            b = make_batch(tok, prompts[i : i + batch_size], targets[i : i + batch_size], padding_side)
+            b = make_batch(tok, prompts[i : i + batch_size], targets[i : i + batch_size], padding_side, dev)
             if not SELECT_LOGITS:
-                out.append(target_logprob_from_logits(model(**b.model_inputs()).logits, b))
+                out.append(target_logprob_from_logits(model(**b.model_inputs()).logits, b).cpu())
                 continue
             rows, cols, counts = target_pairs(b)
             with unembed_at(model, rows, cols):
                 logits = model(**b.model_inputs()).logits[0]  # (R, V)
             tok_lp = log_probs(logits).gather(-1, b.input_ids[rows, cols + 1][:, None])[:, 0]
-            out.append(torch.stack([x.sum() for x in tok_lp.split(counts)]))
+            out.append(torch.stack([x.sum() for x in tok_lp.split(counts)]).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
 def target_probs(model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str], **kw) -> torch.Tensor:
-    """(N,) p(target_i | prompt_i): the product over all target tokens (SCIENCE.md §3)."""
+    """(N,) p(target_i | prompt_i) on the CPU: the product over all target tokens (SCIENCE.md §3)."""
     return target_logprobs(model, tok, prompts, targets, **kw).exp()
 
 
-def pad_right(tok, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(tok, ids: Sequence[Sequence[int]], device: torch.device | str | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask), both (len(ids), max length ≥ 1) long, padded with the
-    tokenizer's pad token (its end-of-text token when it has none)."""
+    tokenizer's pad token (its end-of-text token when it has none); built on the CPU, then moved to ``device``."""
     T = max((len(i) for i in ids), default=0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     x = torch.full((len(ids), max(T, 1)), pad, dtype=torch.long)
@@ -269,26 +293,34 @@ def pad_right(tok, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Te
     for r, row in enumerate(ids):
         x[r, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[r, : len(row)] = 1
-    return x, mask
+    return (x, mask) if device is None else (x.to(device), mask.to(device))
 
 
 def text_token_logprobs(model: nn.Module, tok, texts: Sequence[str], max_tokens: int = 100) -> list[torch.Tensor]:
-    """Per text, log p(x_i | x_<i) for i = 2..N (N = token count after truncation to ``max_tokens``).
+    """Per text, log p(x_i | x_<i) for i = 2..N (N = token count after truncation to ``max_tokens``), on the CPU.
 
     All texts run in one right-padded forward pass (so a caller's per-row hooks see one row per text).
     """
+    from .models import device_of
+
     ids = [encode(tok, t)[:max_tokens] for t in texts]
     if not ids:
         return []
-    x, mask = pad_right(tok, ids)
+    x, mask = pad_right(tok, ids, device_of(model))
     with torch.no_grad():
         logits = model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-    logp = torch.log_softmax(logits.float(), -1)
-    out = []
-    for r, row in enumerate(ids):
-        n = len(row)
-        out.append(logp[r, torch.arange(n - 1), x[r, 1:n]] if n >= 2 else torch.zeros(0))
-    return out
+    return next_token_logprobs(torch.log_softmax(logits.float(), -1), x, [len(row) for row in ids])
+
+
+def next_token_logprobs(logp: torch.Tensor, x: torch.Tensor, lens: Sequence[int]) -> list[torch.Tensor]:
+    """Per row r, log p(x[r, i] | x[r, <i]) for i = 1..lens[r]-1 from log-probabilities (B, T, V) of the right-
+    padded ids ``x`` (B, T): gathered on their device, moved to the CPU in one copy, split per row."""
+    rows = [r for r, n in enumerate(lens) for _ in range(n - 1)]
+    cols = [c for n in lens for c in range(n - 1)]
+    r = torch.tensor(rows, dtype=torch.long, device=logp.device)
+    c = torch.tensor(cols, dtype=torch.long, device=logp.device)
+    flat = logp[r, c, x[r, c + 1]].cpu()
+    return list(flat.split([max(n - 1, 0) for n in lens]))
 
 
 def _strip_special(tok, ids: list[int]) -> list[int]:
@@ -313,22 +345,26 @@ def generate(
     ``seed`` (so the same seed gives the same text). Length: ``max_new_tokens`` new tokens, or
     ``max_out_len`` tokens in total including the prompt (ROME's sampler convention; a prompt already that
     long gets no new token). Uses the key/value cache; hooks on the model see the full prompt on the first
-    pass and single tokens afterwards.
+    pass and single tokens afterwards. The top-k probabilities are moved to the CPU for the draw (B x k numbers a
+    step), so every device samples the same tokens from the same probabilities.
     """
+    from .models import device_of
+
     if (max_new_tokens is None) == (max_out_len is None):
         raise ValueError("give exactly one of max_new_tokens, max_out_len")
     gen = torch.Generator().manual_seed(seed)
+    dev = device_of(model)
     cache_kw = cache_kwarg(model)
     texts: list[str] = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i : i + batch_size])
-        b = make_batch(tok, chunk, None, padding_side="left")
+        b = make_batch(tok, chunk, None, padding_side="left", device=dev)
         lens = b.prompt_len
         steps = max_new_tokens if max_new_tokens is not None else max(0, max_out_len - min(lens))
         budget = [
             max_new_tokens if max_new_tokens is not None else max(0, max_out_len - n) for n in lens
         ]
-        new = torch.zeros((len(chunk), 0), dtype=torch.long)
+        new = torch.zeros((len(chunk), 0), dtype=torch.long, device=dev)
         ids, mask, pos = b.input_ids, b.attention_mask, b.position_ids
         past = None
         for _ in range(steps):
@@ -339,12 +375,13 @@ def generate(
                 nxt = logits.argmax(-1)
             else:
                 vals, idx = logits.topk(top_k, dim=-1)
-                choice = torch.multinomial(torch.softmax(vals, -1), 1, generator=gen)[:, 0]
-                nxt = idx.gather(1, choice[:, None])[:, 0]
+                choice = torch.multinomial(torch.softmax(vals, -1).cpu(), 1, generator=gen)[:, 0]
+                nxt = idx.gather(1, choice[:, None].to(dev))[:, 0]
             new = torch.cat([new, nxt[:, None]], 1)
             ids = nxt[:, None]
             pos = pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(ids)], 1)
+        new = new.cpu()
         for r in range(len(chunk)):
             toks = _strip_special(tok, new[r, : budget[r]].tolist())
             texts.append(tok.decode(toks).strip())

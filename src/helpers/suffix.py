@@ -36,7 +36,8 @@ def _layers_kv(past) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @dataclass
 class SuffixPass:
-    """The inputs of a suffix-only pass over ``batch`` (B rows, right- or left-padded) from ``cut`` (B,).
+    """The inputs of a suffix-only pass over ``batch`` (B rows, right- or left-padded) from ``cut`` (B,): tensors on
+    the batch's device, ``cut`` too (``cuts``: the same as a list).
 
     ``cache`` is the key/value cache of a full pass over ``batch``; only copies of its first max(cut) columns
     are kept. ``batch`` (after construction) is the suffix view: ``input_ids`` (B, S) and ``start[i] =
@@ -49,32 +50,32 @@ class SuffixPass:
     cache: InitVar[object]
 
     def __post_init__(self, cache: object) -> None:
-        b, cut = self.full, torch.as_tensor(self.cut, dtype=torch.long)
+        b, dev = self.full, self.full.device
         B, T = b.input_ids.shape
-        ends = torch.tensor([s + p + t for s, p, t in zip(b.start, b.prompt_len, b.target_len)])
-        last_prompt = b.last_prompt_pos()
-        outside = (cut > last_prompt) | (cut < torch.tensor(b.start))
-        if outside.any():
-            i = int(outside.nonzero()[0])
-            raise ValueError(f"row {i}: cut {int(cut[i])} is outside its prompt "
-                             f"[{b.start[i]}, {int(last_prompt[i])}]")
-        self.cut = cut
-        self.P = int(cut.max())
-        S = int((ends - cut).max())
-        cols = cut[:, None] + torch.arange(S)[None]  # (B, S) original column of each suffix column
-        valid = cols < ends[:, None]
+        # the bookkeeping in Python (one copy of the cut to the CPU), the index tensors on the batch's device
+        cuts = torch.as_tensor(self.cut, dtype=torch.long).tolist()
+        ends = [s + p + t for s, p, t in zip(b.start, b.prompt_len, b.target_len)]
+        for i, (c, s, p) in enumerate(zip(cuts, b.start, b.prompt_len)):
+            if not s <= c <= s + p - 1:
+                raise ValueError(f"row {i}: cut {c} is outside its prompt [{s}, {s + p - 1}]")
+        cut = torch.tensor(cuts, dtype=torch.long, device=dev)
+        self.cut, self.cuts = cut, cuts
+        self.P = max(cuts)
+        S = max(e - c for e, c in zip(ends, cuts))
+        cols = cut[:, None] + torch.arange(S, device=dev)[None]  # (B, S) original column of each suffix column
+        valid = cols < torch.tensor(ends, device=dev)[:, None]
         self.cols = cols.clamp(max=T - 1)
         self.valid = valid
         ids = torch.where(valid, b.input_ids.gather(1, self.cols), torch.zeros_like(self.cols))
         pos = torch.where(valid, b.position_ids.gather(1, self.cols), torch.zeros_like(self.cols))
-        past_mask = (torch.arange(self.P)[None] < cut[:, None]) & (b.attention_mask[:, : self.P] > 0)
+        past_mask = (torch.arange(self.P, device=dev)[None] < cut[:, None]) & (b.attention_mask[:, : self.P] > 0)
         self.attention_mask = torch.cat([past_mask, valid], 1).long()
         self.input_ids, self.position_ids = ids, pos
         # copies of the P prefix columns only (the full pass's cache and its graph can then be freed)
         self.kv = [(k[:, :, : self.P].detach().clone(), v[:, :, : self.P].detach().clone())
                    for k, v in _layers_kv(cache)]
         self.batch = Batch(ids, valid.long(), pos, list(b.prompt_len), list(b.target_len),
-                           [s - int(c) for s, c in zip(b.start, cut)])
+                           [s - c for s, c in zip(b.start, cuts)])
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) per-position tensor of the full batch -> (B, S, ...) at the suffix columns."""

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from .models import arch_of, n_layers
+from .models import arch_of, device_of, n_layers
 # Re-exported: the public names of this module before it was split (and _noise_tensor, which tests use).
 from .tracing_effects import concentrated, effects, layer_thirds, peak_layers, zero_denominator_cases
 from .tracing_fact import (
@@ -159,7 +159,7 @@ def trace_fact(
     if unknown:
         raise ValueError(f"unknown kinds {sorted(unknown)}; use {KINDS} or 'zero'")
     arch_of(model)
-    fact = prepare_fact(tok, prompt, subject, target, case_id)
+    fact = prepare_fact(tok, prompt, subject, target, case_id, device_of(model))
     L = n_layers(model)
     if sigma is None:
         sigma = noise_sigma(model, tok, [subject])

@@ -1,6 +1,9 @@
 """Tracing one fact (SCIENCE.md §4.2, §4.5): its tokenization, the one-site-at-a-time reference path, the fast
 path (:mod:`helpers.tracing_fast`) and representation zeroing, as arrays of p(target) per token and layer.
-:mod:`helpers.tracing` turns them into the long table."""
+:mod:`helpers.tracing` turns them into the long table.
+
+Devices: a fact's batch and its noise live on the model's device (the noise drawn by numpy, as the published
+code draws it, and moved once per fact); probabilities come back to the CPU once per pass."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch
 from torch import nn
 
 from .hooks import trace
-from .models import arch_of, module, module_name, n_layers
+from .models import arch_of, device_of, module, module_name, n_layers
 from .scoring import Batch, make_batch, target_logprob_from_logits
 from .tracing_noise import noise_draws, window_layers
 from .tracing_subject import fill_prompt, subject_range
@@ -29,7 +32,7 @@ class Fact:
     prompt: str
     subject: str
     target: str
-    batch: Batch  # a 1-row prompt‖target batch (scoring.make_batch)
+    batch: Batch  # a 1-row prompt‖target batch (scoring.make_batch), on the model's device
     prompt_len: int
     target_len: int
     b: int
@@ -41,14 +44,16 @@ class Fact:
         return self.batch.input_ids[0]
 
 
-def prepare_fact(tok, prompt: str, subject: str, target: str, case_id=None) -> Fact:
-    """Tokenize one fact (``prompt`` may be a template with ``{}``) and locate its subject tokens."""
+def prepare_fact(tok, prompt: str, subject: str, target: str, case_id=None, device=None) -> Fact:
+    """Tokenize one fact (``prompt`` may be a template with ``{}``) and locate its subject tokens; the batch is
+    moved to ``device`` (the model's) when given."""
     text = fill_prompt(prompt, subject)
     b, e = subject_range(tok, text, subject, case_id)
     batch = make_batch(tok, [text], [target])
     T = batch.prompt_len[0]
     ids = batch.input_ids[0, :T].tolist()
-    return Fact(case_id, text, subject, target, batch, T, batch.target_len[0], b, e, [tok.decode([i]) for i in ids])
+    return Fact(case_id, text, subject, target, batch.to(device), T, batch.target_len[0], b, e,
+                [tok.decode([i]) for i in ids])
 
 
 def _repeat(batch: Batch, n: int) -> Batch:
@@ -59,9 +64,9 @@ def _repeat(batch: Batch, n: int) -> Batch:
 
 
 def _noise_tensor(model: nn.Module, fact: Fact, sigma: float, n_samples: int, seed: int) -> torch.Tensor:
-    """σ · draws, float64, (n_samples, e - b, d)."""
+    """σ · draws, float64, (n_samples, e - b, d), on the model's device (numpy's draws, moved in one copy)."""
     d = module(model, "embed").weight.shape[1]
-    return sigma * torch.from_numpy(noise_draws(n_samples, fact.e - fact.b, d, seed))
+    return (sigma * torch.from_numpy(noise_draws(n_samples, fact.e - fact.b, d, seed))).to(device_of(model))
 
 
 def _add_noise(x: torch.Tensor, noise: torch.Tensor, b: int, e: int, first_row: int) -> torch.Tensor:
@@ -74,10 +79,11 @@ def _add_noise(x: torch.Tensor, noise: torch.Tensor, b: int, e: int, first_row: 
 
 
 def _probs(model: nn.Module, batch: Batch, edit=None, modules: Sequence[str] = ()) -> torch.Tensor:
-    """(B,) p(target) of each row of ``batch`` with the optional hook ``edit`` on ``modules``."""
+    """(B,) p(target) of each row of ``batch`` with the optional hook ``edit`` on ``modules``, on the CPU."""
+    batch = batch.to(device_of(model))  # a fact prepared without a device (no copy when it is there)
     with trace(model, list(modules), edit=edit, retain_output=False):
         logits = model(**batch.model_inputs()).logits
-    return target_logprob_from_logits(logits, batch).exp()
+    return target_logprob_from_logits(logits, batch).exp().cpu()
 
 
 # ---------- reference path: one site at a time, full forward of N + 1 rows with hooks -------------------------
@@ -96,7 +102,8 @@ def reference_run(
     restore = restore or {}
     embed = module_name(model, "embed")
     n = noise.shape[0]
-    pos = {name: torch.as_tensor(list(p), dtype=torch.long) for name, p in restore.items()}
+    dev = device_of(model)
+    pos = {name: torch.as_tensor(list(p), dtype=torch.long, device=dev) for name, p in restore.items()}
 
     def edit(out: torch.Tensor, name: str):
         if name == embed:
@@ -206,7 +213,9 @@ def zero_fact(model: nn.Module, fact: Fact, window: int = 5) -> tuple[float, np.
     W(l, window), for each central layer l (the paper's App. B version). One pass of L rows, one per l."""
     L = n_layers(model)
     names = [module_name(model, "mlp", j) for j in range(L)]
-    rows_of = {names[j]: [l for l in range(L) if j in window_layers(l, window, L)] for j in range(L)}
+    dev = device_of(model)
+    rows_of = {names[j]: torch.tensor([l for l in range(L) if j in window_layers(l, window, L)], dtype=torch.long,
+                                      device=dev) for j in range(L)}
 
     def edit(out: torch.Tensor, name: str):
         new = out.clone()

@@ -85,7 +85,8 @@ def corrupted_pass(model: nn.Module, fact, noise: torch.Tensor, kind: str, add_n
     kv = [(k[1:], v[1:]) for k, v in _layers_kv(cache_of(out))]
     h_in = [tin.inputs[b][1:] for b in blocks]
     clean = [tout.outputs[m][0] for m in kind_mods]
-    return Corrupted(float(p[0]), float(p[1:].mean()), h_in, kv, clean)
+    p_clean, p_corrupt = torch.stack([p[0], p[1:].mean()]).tolist()
+    return Corrupted(p_clean, p_corrupt, h_in, kv, clean)
 
 
 @contextlib.contextmanager
@@ -143,8 +144,8 @@ def run_bucket(model: nn.Module, fact, c: Corrupted, kind: str, t: int, sites: S
     for j in range(s, L):
         rows = [g for g, (l0, l1) in enumerate(sites) if l0 <= j < l1]
         if rows:
-            idx = torch.cat([torch.arange(g * N, (g + 1) * N) for g in rows])
-            rows_of[module_name(model, _MODULE_KIND[kind], j)] = (idx.to(hidden.device), c.clean[j][t])
+            idx = torch.tensor([g * N + i for g in rows for i in range(N)], dtype=torch.long, device=hidden.device)
+            rows_of[module_name(model, _MODULE_KIND[kind], j)] = (idx, c.clean[j][t])
 
     def restore(out: torch.Tensor, name: str):
         idx, val = rows_of[name]
@@ -164,7 +165,7 @@ def run_bucket(model: nn.Module, fact, c: Corrupted, kind: str, t: int, sites: S
     with _run_from(model, s, hidden), hooks.trace(model, list(rows_of), edit=restore, retain_output=False), \
             contiguous_unembedding(model):
         logits = model(**kw).logits
-    return [float(p) for p in _score(logits, fact, N)]
+    return _score(logits, fact, N).tolist()  # one copy to the CPU per bucket
 
 
 def buckets(sites: Sequence[tuple[int, int]], span: int, max_sites: int) -> list[list[tuple[int, int]]]:

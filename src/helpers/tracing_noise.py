@@ -49,7 +49,8 @@ def subject_embedding_std(model: nn.Module, tok, subjects: Iterable[str]) -> flo
     """Standard deviation of all token-embedding entries of the (bare, un-prefixed) subject tokens, as ROME's
     ``collect_embedding_std`` computes it (one pooled std over every entry)."""
     emb = module(model, "embed")
-    rows = [emb(torch.tensor([encode(tok, s, bos_token=False)]))[0]
+    dev = emb.weight.device
+    rows = [emb(torch.tensor([encode(tok, s, bos_token=False)], device=dev))[0]
             for s in dict.fromkeys(subjects) if s and encode(tok, s, bos_token=False)]
     if not rows:
         raise ValueError("no subject tokens to compute the embedding std from")

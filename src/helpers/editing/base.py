@@ -9,6 +9,12 @@ factors ``factors[l] = (r (d_model,), a (d_ff,))`` with ``deltas[l] == outer(r, 
   (the touched tensors are copied first and copied back on exit, so the restore is bitwise exact), or
 - applied through forward hooks without touching any weight: :func:`hooked`
   (down_proj output += x @ delta^T + bias_delta), the basis for per-example edits (issue 8).
+
+Devices: an edit's tensors live on the device of the model that computed it (no copies to the CPU; applying
+it to that model's weights stays on the device). :func:`apply_edit` and the per-example hooks also accept an
+edit from another device (copied to the weights' device once per application); :func:`hooked` adds the
+deltas it is given as they are, so they must be on the model's device (fine-tuning creates them there).
+Input noise is drawn from a CPU generator and moved to the device once per draw: the same noise on any device.
 """
 
 from __future__ import annotations
@@ -114,7 +120,8 @@ class EditRequest:
 
 @dataclass
 class Edit:
-    """An edit as data (see the module docstring). Tensors are float32 on CPU, (d_model, d_ff) out x in."""
+    """An edit as data (see the module docstring). Tensors are float32 on the device of the model that computed
+    the edit, (d_model, d_ff) out x in."""
 
     method: str
     layers: list[int]
@@ -190,10 +197,10 @@ def model_fingerprint(model: nn.Module) -> str:
     """Short hash of the config and a sample of the weights (embedding row 0, each down-projection's head)."""
     h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
-        h.update(models.module(model, "embed").weight[0].float().numpy().tobytes())
+        h.update(models.module(model, "embed").weight[0].float().cpu().numpy().tobytes())
         for layer in range(models.n_layers(model)):
             w = models.down_proj_weight(model, layer).reshape(-1)[:4096]
-            h.update(w.float().numpy().tobytes())
+            h.update(w.float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -202,7 +209,8 @@ def _bias(model: nn.Module, layer: int) -> torch.Tensor | None:
 
 
 def apply_edit(model: nn.Module, edit: Edit) -> dict[str, torch.Tensor]:
-    """Add ``edit`` into the model's weights in place; returns bitwise copies of the touched tensors."""
+    """Add ``edit`` into the model's weights in place; returns bitwise copies of the touched tensors (on the
+    weights' device). The edit's tensors are moved to the weights' device and dtype (no copy when they are there)."""
     saved: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for layer in edit.layers:
@@ -210,13 +218,13 @@ def apply_edit(model: nn.Module, edit: Edit) -> dict[str, torch.Tensor]:
             w = models.down_proj_weight(model, layer)
             saved[name + ".weight"] = w.detach().clone()
             if layer in edit.deltas:
-                models.down_proj_out_in(model, layer).add_(edit.deltas[layer].to(w.dtype))
+                models.down_proj_out_in(model, layer).add_(edit.deltas[layer].to(w.device, w.dtype))
             b = _bias(model, layer)
             if layer in edit.bias_deltas:
                 if b is None:
                     raise EditError(f"{edit.method} edit has a bias delta but layer {layer} has no bias")
                 saved[name + ".bias"] = b.detach().clone()
-                b.add_(edit.bias_deltas[layer].to(b.dtype))
+                b.add_(edit.bias_deltas[layer].to(b.device, b.dtype))
     return saved
 
 
@@ -246,7 +254,8 @@ def hooked(
 ) -> Iterator[hooks.Trace]:
     """Apply weight deltas through forward hooks: down_proj(x) + x @ delta^T (+ bias delta). No weight changes.
 
-    Gradients flow to the deltas (and through x), so fine-tuning trains the deltas directly.
+    Gradients flow to the deltas (and through x), so fine-tuning trains the deltas directly. The deltas must be
+    on the model's device (see the module docstring).
     """
     bias_deltas = bias_deltas or {}
     layers = sorted(set(deltas) | set(bias_deltas))
@@ -287,8 +296,9 @@ def input_noise(
     """Add N(0, sigma^2) noise to the embedding output at subject positions on every pass with length > 1.
 
     ``positions(batch_rows) -> list of (b, e)`` gives the noised token range of each row of the current
-    forward pass (the caller knows which prompts it feeds). One generator seeded with ``spec.seed``
-    serves the whole context, so every pass draws fresh noise, deterministically.
+    forward pass (the caller knows which prompts it feeds). One CPU generator seeded with ``spec.seed``
+    serves the whole context, so every pass draws fresh noise, deterministically; each draw is moved to the
+    activations' device in one copy (the same numbers on every device).
     """
     if spec is None or spec.sigma == 0:
         yield
@@ -303,12 +313,12 @@ def input_noise(
         lens = {e - b for b, e in ranges}
         if len(lens) == 1:  # one draw (rows, len, d), like the released code
             n = lens.pop()
-            noise = torch.randn((out.shape[0], n, out.shape[2]), generator=gen) * spec.sigma
+            noise = (torch.randn((out.shape[0], n, out.shape[2]), generator=gen) * spec.sigma).to(out.device)
             for i, (b, e) in enumerate(ranges):
                 new[i, b:e] = new[i, b:e] + noise[i].to(out.dtype)
         else:
             for i, (b, e) in enumerate(ranges):
-                noise = torch.randn((e - b, out.shape[2]), generator=gen) * spec.sigma
+                noise = (torch.randn((e - b, out.shape[2]), generator=gen) * spec.sigma).to(out.device)
                 new[i, b:e] = new[i, b:e] + noise.to(out.dtype)
         return new
 

@@ -4,6 +4,7 @@ module's output at its last subject token, its own Adam, per-fact losses summed 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Sequence
 
 import torch
@@ -56,23 +57,25 @@ def _optimize_deltas(
     for k in range(K):
         groups.setdefault(lengths[k], []).append(k)
     passes = []
+    dev = models.device_of(model)
     for _, ks in sorted(groups.items()):
-        batch = scoring.make_batch(tok, [t for k in ks for t in facts[k][0]], [t for k in ks for t in facts[k][1]])
-        pos = torch.tensor([p for k in ks for p in facts[k][2]])
-        passes.append((ks, batch, pos))
+        batch = scoring.make_batch(tok, [t for k in ks for t in facts[k][0]], [t for k in ks for t in facts[k][1]],
+                                   device=dev)
+        pos_list = [p for k in ks for p in facts[k][2]]
+        passes.append((ks, batch, torch.tensor(pos_list, device=dev), pos_list))
     name = models.module_name(model, kind, layer)
     belows: dict[int, torch.Tensor] = {}
     suffixes: dict[int, SuffixPass] = {}
     d_model, _ = models.dims(model)
 
-    deltas = [torch.zeros(d_model, requires_grad=True) for _ in range(K)]
+    deltas = [torch.zeros(d_model, device=dev, requires_grad=True) for _ in range(K)]
     opts = [torch.optim.Adam([d], lr=lr) for d in deltas]
     v_init: list[torch.Tensor | None] = [None] * K
     kl_init: list[torch.Tensor | None] = [None] * K
     infos = [{"nll": [], "kl": [], "decay": [], "loss": [], "p_target": [], "updates": 0} for _ in range(K)]
     for it in range(steps):
         losses: dict[int, torch.Tensor] = {}
-        for ks, batch, pos in passes:
+        for ks, batch, pos, pos_list in passes:
             ks_ok = [k for k in ks if k not in failed]
             if not ks_ok:
                 continue
@@ -89,13 +92,13 @@ def _optimize_deltas(
             prefix = not exact and hooks.REUSE_BELOW and (reuse or subject_noise)
             below = belows.get(id(batch)) if reuse else None
             sp = suffixes.get(id(batch)) if prefix else None
+            cuts = sp.cuts if sp is not None else [0] * (per * len(ks))
             if noise is not None:  # each row's subject range, in the columns of the pass that runs
-                cuts = sp.cut.tolist() if sp is not None else [0] * (per * len(ks))
                 noise.set_rows([(k, [(b - c, e - c) for (b, e), c in zip(facts[k][3], cuts[j * per: (j + 1) * per])])
                                 for j, k in enumerate(ks)])
             edit_pos = pos - sp.cut if sp is not None else pos
             scored = sp.batch if sp is not None else batch
-            kl_at = [(j * per + n, int(edit_pos[j * per + n])) for j in range(len(ks))]
+            kl_at = [(j * per + n, pos_list[j * per + n] - cuts[j * per + n]) for j in range(len(ks))]
             with hooks.trace(model, name, edit=hooks.add_at_positions(d_rows, edit_pos), retain_output=it == 0) \
                     as tr, hooks.reuse_below(model, layer, below, record=reuse) as rb, \
                     scoring.scored_logits(model, scored, extra=kl_at) as sc:
@@ -105,7 +108,7 @@ def _optimize_deltas(
                     out = model(**batch.model_inputs(), use_cache=prefix)
                     sc.set(out.logits)
                     if prefix:
-                        cut = pos if reuse else torch.tensor([b for k in ks for b, _ in facts[k][3]])
+                        cut = pos if reuse else torch.tensor([b for k in ks for b, _ in facts[k][3]], device=dev)
                         try:
                             suffixes[id(batch)] = SuffixPass(batch, cut, cache_of(out))
                         except ValueError as err:  # a cut outside its prompt: keep full passes
@@ -120,7 +123,7 @@ def _optimize_deltas(
                     continue
                 r0 = j * per
                 if it == 0:
-                    v_init[k] = tr.outputs[name][r0, pos[r0]].detach().float().clone()
+                    v_init[k] = tr.outputs[name][r0, pos_list[r0]].detach().float().clone()
                 lps = row_lps[r0 : r0 + n]
                 nll = torch.stack([-lp.mean() for lp in lps]).mean()
                 kl_logp = torch.log_softmax(kl_logits[j].float(), -1)[None]
@@ -130,15 +133,13 @@ def _optimize_deltas(
                 decay = weight_decay * (deltas[k].norm() / v_init[k].norm() ** 2)
                 main = torch.exp(-nll) if requests[k].erase else nll
                 loss = main + kl + decay
-                if not torch.isfinite(loss.detach()):
+                # the step's numbers for the info, in one copy to the CPU
+                vals = torch.stack([nll, kl, decay, loss, lps[0].sum().exp()]).detach().tolist()
+                if not math.isfinite(vals[3]):
                     failed[k] = EditError(f"{requests[k].where()}: non-finite loss at iteration {it}")
                     continue
-                inf = infos[k]
-                inf["nll"].append(float(nll.detach()))
-                inf["kl"].append(float(kl.detach()))
-                inf["decay"].append(float(decay.detach()))
-                inf["loss"].append(float(loss.detach()))
-                inf["p_target"].append(float(lps[0].detach().sum().exp()))
+                for key, v in zip(("nll", "kl", "decay", "loss", "p_target"), vals):
+                    infos[k][key].append(v)
                 if not (break_before_last[k] and it == steps - 1):
                     losses[k] = loss
         if not losses:

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .. import metrics, scoring
+from .. import metrics, models, scoring
 from .base import Edit, NoiseSpec
 from .batched_input_noise import batched_noise
 from .batched_rows import _Targets
@@ -45,7 +45,7 @@ def _probs_many(model, tok, prompts: Sequence[Sequence[str]], targets: Sequence[
         specs = [NoiseSpec(sigma=sigmas[k], n_samples=1, seed=EVAL_NOISE_SEED, positions="subject")
                  if sigmas[k] is not None else None for k in group]
         counts = [len(prompts[k]) for k in group]
-        batch = scoring.make_batch(tok, texts, tgts)
+        batch = scoring.make_batch(tok, texts, tgts, device=models.device_of(model))
         sub_edits = [edits[k] for k in group] if edits is not None else [None] * len(group)
         with torch.no_grad(), batched_noise(model, specs) as noise, \
                 applied_per_example(model, sub_edits, counts):
@@ -78,7 +78,7 @@ def _essence_many(model, tok, texts: Sequence[Sequence[str]], subjects: Sequence
             continue
         ids = [scoring.encode(tok, t)[:max_tokens] for k in group for t in texts[k]]
         counts = [len(texts[k]) for k in group]
-        x, mask = scoring.pad_right(tok, ids)
+        x, mask = scoring.pad_right(tok, ids, models.device_of(model))
         specs = [NoiseSpec(sigma=sigmas[k], n_samples=1, seed=EVAL_NOISE_SEED, positions="subject")
                  if sigmas[k] is not None else None for k in group]
         sub_edits = [edits[k] for k in group] if edits is not None else [None] * len(group)
@@ -87,14 +87,10 @@ def _essence_many(model, tok, texts: Sequence[Sequence[str]], subjects: Sequence
             noise.set_rows([(j, _ranges(tok, texts[k], subjects[k])) for j, k in enumerate(group)])
             logits = model(input_ids=x, attention_mask=mask,
                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-        logp = torch.log_softmax(logits.float(), -1)
+        lps = scoring.next_token_logprobs(torch.log_softmax(logits.float(), -1), x, [len(i) for i in ids])  # CPU
         r = 0
         for k, n in zip(group, counts):
-            lps = []
-            for row in range(r, r + n):
-                m = len(ids[row])
-                lps.append((logp[row, torch.arange(m - 1), x[row, 1:m]] if m >= 2 else torch.zeros(0)).numpy())
-            out[k] = metrics.essence_ppl(lps)
+            out[k] = metrics.essence_ppl([lp.numpy() for lp in lps[r : r + n]])
             r += n
     return out
 

@@ -29,15 +29,16 @@ def _ft_many(model, tok, requests, layers, hp: FTHparams, noise, failed, method:
         texts += [r.text] * nr
         targets += [r.target] * nr
         ranges.append(subject_ranges(tok, [r.template], r.subject) * nr)
-    full = scoring.make_batch(tok, texts, targets)
+    dev = models.device_of(model)
+    full = scoring.make_batch(tok, texts, targets, device=dev)
     first = [sum(n_rows[:k]) for k in range(K)]
     T_all = full.input_ids.shape[1]
     lengths = [full.prompt_len[first[k]] + full.target_len[first[k]] if exact else T_all for k in range(K)]
     eps = float(hp.norm_constraint)
     d_model, d_ff = models.dims(model)
     has_bias = [l for l in layers if getattr(models.module(model, "down_proj", l), "bias", None) is not None]
-    dw = {l: [torch.zeros(d_model, d_ff, requires_grad=True) for _ in range(K)] for l in layers}
-    db = {l: [torch.zeros(d_model, requires_grad=True) for _ in range(K)] for l in has_bias}
+    dw = {l: [torch.zeros(d_model, d_ff, device=dev, requires_grad=True) for _ in range(K)] for l in layers}
+    db = {l: [torch.zeros(d_model, device=dev, requires_grad=True) for _ in range(K)] for l in has_bias}
     params = [[dw[l][k] for l in layers] + [db[l][k] for l in has_bias] for k in range(K)]
     opts = [torch.optim.Adam(params[k], lr=hp.lr, weight_decay=hp.weight_decay) for k in range(K)]
     infos = [{"loss": [], "max_abs_delta": [], "updates": 0} for _ in range(K)]

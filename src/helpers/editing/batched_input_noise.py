@@ -14,7 +14,8 @@ from .base import NoiseSpec
 
 
 class _NoiseRows:
-    """Per fact: its spec, its generator, and (per pass) the token ranges of its rows."""
+    """Per fact: its spec, its CPU generator (draws moved to the activations' device: the same noise on every
+    device), and (per pass) the token ranges of its rows."""
 
     def __init__(self, specs: Sequence[NoiseSpec | None], code_ranges: Sequence[tuple[int, int]] | None = None):
         self.specs = list(specs)
@@ -43,12 +44,12 @@ class _NoiseRows:
                 lens = {e - b for b, e in ranges}
                 if len(lens) == 1:
                     n = lens.pop()
-                    noise = torch.randn((len(ranges), n, out.shape[2]), generator=gen) * spec.sigma
+                    noise = (torch.randn((len(ranges), n, out.shape[2]), generator=gen) * spec.sigma).to(out.device)
                     for i, (b, e) in enumerate(ranges):
                         new[row + i, b:e] = new[row + i, b:e] + noise[i].to(out.dtype)
                 else:
                     for i, (b, e) in enumerate(ranges):
-                        noise = torch.randn((e - b, out.shape[2]), generator=gen) * spec.sigma
+                        noise = (torch.randn((e - b, out.shape[2]), generator=gen) * spec.sigma).to(out.device)
                         new[row + i, b:e] = new[row + i, b:e] + noise.to(out.dtype)
             row += len(ranges)
         return new

@@ -33,7 +33,8 @@ def _keys_many(model, tok, filled_templates: Sequence[Sequence[str]], requests: 
         pos += [e - 1 for _, e in ranges]
         blocks.append((k, ranges))
         counts.append(len(temps))
-    batch = scoring.make_batch(tok, texts)
+    dev = models.device_of(model)
+    batch = scoring.make_batch(tok, texts, device=dev)
     name = models.module_name(model, "down_proj", layer)
     names = [name]
     if block_layer is not None:
@@ -45,8 +46,8 @@ def _keys_many(model, tok, filled_templates: Sequence[Sequence[str]], requests: 
         pe.set_segments(segments_from(counts))
     with torch.no_grad(), hooks.trace(model, names, retain_input=True, retain_output=True, stop=True) as tr:
         model(**batch.model_inputs())
-    rows = torch.arange(len(texts))
-    p = torch.tensor(pos)
+    rows = torch.arange(len(texts), device=dev)
+    p = torch.tensor(pos, device=dev)
     k_in, k_out = tr.inputs[name][rows, p].float(), tr.outputs[name][rows, p].float()
     h = tr.outputs[bname][rows, p].float() if block_layer is not None else None
     out, r = [], 0
@@ -155,7 +156,8 @@ def _memit_many(model, tok, requests, layers, hp: MemitHparams, stats: SecondMom
                 out.append(None)
         return out
     d_model, d_ff = models.dims(model)
-    zero = torch.zeros(d_model)
+    dev = models.device_of(model)
+    zero = torch.zeros(d_model, device=dev)
     z = torch.stack([h_init[k] + delta[k] if k not in failed else zero for k in range(K)])
     h_init = torch.stack([h if h is not None else zero for h in h_init])
     full_groups = [[[fill(t, r.template) for t in g] for g in groups] for r in requests]
@@ -197,7 +199,7 @@ def _memit_many(model, tok, requests, layers, hp: MemitHparams, stats: SecondMom
         if i < n - 1:
             # next layer's passes see this layer's update; the one-fact path writes the float outer product
             # into the weights: use it as a dense per-row delta (exact same delta values)
-            pe.dense[layer] = torch.stack([edits[k].deltas.get(layer, torch.zeros(d_model, d_ff))
+            pe.dense[layer] = torch.stack([edits[k].deltas.get(layer, torch.zeros(d_model, d_ff, device=dev))
                                            for k in range(K)])
             pe.layers = sorted(set(pe.dense))
             pe.names = {models.module_name(model, "down_proj", l): l for l in pe.layers}

@@ -34,16 +34,18 @@ def segments_from(rows_per_edit: Sequence[int] | torch.Tensor) -> Segments:
     return segs
 
 
-def _row_index(segs: Segments, n_rows: int) -> torch.Tensor:
+def _row_index(segs: Segments, n_rows: int, device: torch.device | None = None) -> torch.Tensor:
+    """(n_rows,) row -> edit index (-1: no edit), built on the CPU and moved to ``device`` in one copy."""
     idx = torch.full((n_rows,), -1, dtype=torch.long)
     for k, s, e in segs:
         idx[s:e] = k
-    return idx
+    return idx.to(device) if device is not None else idx
 
 
 @dataclass
 class _Targets:
-    """Gather indices of the target tokens of a prompt‖target batch: log p per target token, vectorised."""
+    """Gather indices of the target tokens of a prompt‖target batch: log p per target token, vectorised. Built on
+    the CPU, moved to the batch's device in one copy per tensor."""
 
     rows: torch.Tensor  # (B, t) row index
     cols: torch.Tensor  # (B, t) logit column scoring each target token
@@ -62,9 +64,11 @@ class _Targets:
             cols[i, :n] = torch.arange(c0, c0 + n)
             cols[i, n:] = c0
             mask[i, :n] = 1
-        rows = torch.arange(B)[:, None].expand(B, t)
+        dev = batch.device
+        rows = torch.arange(B, device=dev)[:, None].expand(B, t)
+        cols, mask = cols.to(dev), mask.to(dev)
         ids = batch.input_ids[rows, cols + 1]
-        return cls(rows, cols, ids, mask, torch.tensor(batch.target_len, dtype=torch.float32))
+        return cls(rows, cols, ids, mask, torch.tensor(batch.target_len, dtype=torch.float32, device=dev))
 
     def token_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, t) log p of each target token (0 beyond a row's target)."""
@@ -83,7 +87,7 @@ class _Targets:
 
 
 def _sub_batch(batch: scoring.Batch, rows: Sequence[int]) -> scoring.Batch:
-    r = torch.as_tensor(list(rows), dtype=torch.long)
+    r = torch.as_tensor(list(rows), dtype=torch.long, device=batch.device)
     return scoring.Batch(batch.input_ids[r], batch.attention_mask[r], batch.position_ids[r],
                          [batch.prompt_len[i] for i in rows], [batch.target_len[i] for i in rows],
                          [batch.start[i] for i in rows])

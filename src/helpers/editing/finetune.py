@@ -59,15 +59,16 @@ def ft_edit(
     """Fine-tune the down-projections of ``layers`` for ``request`` (see the module docstring)."""
     layers = sorted(layers)
     n_rows = request.noise.n_samples if request.noise is not None else 1
-    batch = scoring.make_batch(tok, [request.text] * n_rows, [request.target] * n_rows)
+    dev = models.device_of(model)
+    batch = scoring.make_batch(tok, [request.text] * n_rows, [request.target] * n_rows, device=dev)
     ranges = subject_ranges(tok, [request.template], request.subject) * n_rows
     eps = float(hp.norm_constraint)
     d_model, d_ff = models.dims(model)
-    dw = {l: torch.zeros(d_model, d_ff, requires_grad=True) for l in layers}
+    dw = {l: torch.zeros(d_model, d_ff, device=dev, requires_grad=True) for l in layers}
     db = {}
     for l in layers:
         if getattr(models.module(model, "down_proj", l), "bias", None) is not None:
-            db[l] = torch.zeros(d_model, requires_grad=True)
+            db[l] = torch.zeros(d_model, device=dev, requires_grad=True)
     params = list(dw.values()) + list(db.values())
     opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
     info: dict = {"loss": [], "max_abs_delta": [], "updates": 0}

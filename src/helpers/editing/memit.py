@@ -45,7 +45,7 @@ class MemitHparams:
 def _block_out(model: nn.Module, tok, request: EditRequest, layer: int, noise_pos: NoisePositions | None) -> torch.Tensor:
     """Block ``layer`` output (d_model,) at the last subject token of the bare prompt."""
     rng = subject_ranges(tok, [request.template], request.subject)
-    batch = scoring.make_batch(tok, [request.text])
+    batch = scoring.make_batch(tok, [request.text], device=models.device_of(model))
     name = models.module_name(model, "block", layer)
     if noise_pos is not None:
         noise_pos.set_rows(rng)

@@ -41,7 +41,7 @@ class _PerExample:
         if layer in self.factors:
             R, A = self.factors[layer]
             if self._idx is None or self._idx.shape[0] != out.shape[0]:
-                self._idx = _row_index(self.segs, out.shape[0])
+                self._idx = _row_index(self.segs, out.shape[0], out.device)
             idx = self._idx
             ok = (idx >= 0).to(out.dtype)[:, None]
             a = A.index_select(0, idx.clamp(min=0)).to(out.dtype) * ok  # (B, d_ff)
@@ -55,7 +55,7 @@ class _PerExample:
         covered = self.segs and self.segs[0][1] == 0 and self.segs[-1][2] == out.shape[0] and all(
             a[2] == b[1] for a, b in zip(self.segs, self.segs[1:]))
         if covered and len(sizes) == 1 and not self.exact and isinstance(D if D is not None else Bi, torch.Tensor):  # equal contiguous blocks: one batched matmul
-            ks = torch.tensor([k for k, _, _ in self.segs])
+            ks = torch.tensor([k for k, _, _ in self.segs], device=out.device)
             n, T = sizes.pop(), out.shape[1]
             new = out
             if D is not None:
@@ -93,15 +93,17 @@ def _per_example(model: nn.Module, pe: _PerExample) -> Iterator[_PerExample]:
 
 
 def _stack_edits(model: nn.Module, edits: Sequence[Edit | None]) -> _PerExample:
-    """Stacked per-layer tensors of ``edits`` (None = no edit); rank-one layers use their factors."""
+    """Stacked per-layer tensors of ``edits`` (None = no edit); rank-one layers use their factors. On the model's
+    device (an edit from another device is copied there)."""
     d_model, d_ff = models.dims(model)
+    dev = models.device_of(model)
     K = len(edits)
     layers = sorted({l for e in edits if e is not None for l in (*e.deltas, *e.bias_deltas)})
     dense, bias, factors = {}, {}, {}
     for l in layers:
         touching = [e for e in edits if e is not None and (l in e.deltas or l in e.bias_deltas)]
         if all(l in e.factors and l not in e.bias_deltas for e in touching):
-            R, A = torch.zeros(K, d_model), torch.zeros(K, d_ff)
+            R, A = torch.zeros(K, d_model, device=dev), torch.zeros(K, d_ff, device=dev)
             for k, e in enumerate(edits):
                 if e is not None and l in e.factors:
                     r, a = e.factors[l]
@@ -109,9 +111,9 @@ def _stack_edits(model: nn.Module, edits: Sequence[Edit | None]) -> _PerExample:
             factors[l] = (R, A)
             continue
         if any(l in e.deltas for e in touching):
-            dense[l] = torch.zeros(K, d_model, d_ff)
+            dense[l] = torch.zeros(K, d_model, d_ff, device=dev)
         if any(l in e.bias_deltas for e in touching):
-            bias[l] = torch.zeros(K, d_model)
+            bias[l] = torch.zeros(K, d_model, device=dev)
         for k, e in enumerate(edits):
             if e is None:
                 continue

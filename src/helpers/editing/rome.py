@@ -62,14 +62,15 @@ def keys_at(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Down-projection (input, output) at the last subject token of each filled template: (n, d_ff), (n, d_model)."""
     ranges = subject_ranges(tok, templates, subject)
-    pos = torch.tensor([e - 1 for _, e in ranges])
-    batch = scoring.make_batch(tok, [fill(t, subject) for t in templates])
+    dev = models.device_of(model)
+    pos = torch.tensor([e - 1 for _, e in ranges], device=dev)
+    batch = scoring.make_batch(tok, [fill(t, subject) for t in templates], device=dev)
     name = models.module_name(model, "down_proj", layer)
     if noise_pos is not None:
         noise_pos.set_rows(ranges)
     with torch.no_grad(), hooks.trace(model, name, retain_input=True, retain_output=True) as tr:
         model(**batch.model_inputs())
-    rows = torch.arange(len(templates))
+    rows = torch.arange(len(templates), device=dev)
     return tr.inputs[name][rows, pos].float(), tr.outputs[name][rows, pos].float()
 
 
@@ -101,11 +102,12 @@ def optimize_delta(
     ranges = subject_ranges(tok, full, request.subject)
     pos = [e - 1 for _, e in ranges]
     texts = [fill(t, request.subject) for t in full]
-    batch = scoring.make_batch(tok, texts, [request.target] * len(texts))
+    dev = models.device_of(model)
+    batch = scoring.make_batch(tok, texts, [request.target] * len(texts), device=dev)
     name = models.module_name(model, kind, layer)
     d_model, _ = models.dims(model)
 
-    delta = torch.zeros(d_model, requires_grad=True)
+    delta = torch.zeros(d_model, device=dev, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     v_init: torch.Tensor | None = None
     kl_init: torch.Tensor | None = None

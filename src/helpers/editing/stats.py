@@ -9,6 +9,10 @@ Precision: sums of k k^T are accumulated in **float64** (the paper accumulated i
 removes rounding drift), the moment is stored in float32 like the paper's ``mom2_dtype``; inverses are
 computed in float64 and cast to float32.
 
+Devices: the keys are accumulated, and C and C^-1 are kept, on the model's device (float64 sums there too, so
+a GPU run uses the same precision as a CPU run); only the disk cache is written from a CPU copy, and a cached
+moment is loaded onto the model's device.
+
 Disk cache: ``<cache_dir>/stats/<model fingerprint>/<corpus fingerprint>/layer<l>_n<n_tokens>.safetensors``
 with tensors ``mom2`` (d_ff, d_ff) and ``count`` (the number of keys actually used). No pickle.
 Statistics must be computed **before** editing: computing them while any forward hook is installed on the
@@ -71,7 +75,8 @@ def compute_second_moments(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[dict[int, torch.Tensor], int]:
-    """({layer: C (d_ff, d_ff) float32}, number of keys used) over the first ``n_tokens`` non-pad tokens."""
+    """({layer: C (d_ff, d_ff) float32 on the model's device}, number of keys used) over the first ``n_tokens``
+    non-pad tokens."""
     _assert_no_hooks(model)
     layers = sorted(set(layers))
     if not layers:
@@ -81,7 +86,8 @@ def compute_second_moments(
     random.Random(seed).shuffle(order)
     names = [models.module_name(model, "down_proj", l) for l in layers]
     _, d_ff = models.dims(model)
-    sums = {l: torch.zeros((d_ff, d_ff), dtype=torch.float64) for l in layers}
+    dev = models.device_of(model)
+    sums = {l: torch.zeros((d_ff, d_ff), dtype=torch.float64, device=dev) for l in layers}
     count = 0
     bar = tqdm(total=n_tokens, desc=f"second moments L{layers}", unit="tok", disable=not progress)
     i = 0
@@ -95,10 +101,10 @@ def compute_second_moments(
                     rows.append(ids)
             if not rows:
                 break
-            ids, mask = scoring.pad_right(tok, rows)
+            ids, mask = scoring.pad_right(tok, rows, dev)
             with hooks.trace(model, names, retain_output=False, retain_input=True, stop=True) as tr:
                 model(input_ids=ids, attention_mask=mask)
-            take = min(int(mask.sum()), n_tokens - count)
+            take = min(sum(map(len, rows)), n_tokens - count)  # = mask.sum(), without a device sync
             sel = mask.reshape(-1).bool()
             for l, name in zip(layers, names):
                 k = tr.inputs[name].reshape(-1, d_ff)[sel][:take].double()
@@ -154,7 +160,7 @@ class SecondMoments:
         if p is None or not p.exists():
             return False
         t = load_file(str(p))
-        self._mom[layer] = t["mom2"]
+        self._mom[layer] = t["mom2"].to(models.device_of(self.model))
         self.counts[layer] = int(t["count"])
         return True
 
@@ -174,16 +180,16 @@ class SecondMoments:
             if p is not None:
                 p.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(p) as tmp:
-                    save_file({"mom2": c.contiguous(), "count": torch.tensor(count)}, str(tmp))
+                    save_file({"mom2": c.contiguous().cpu(), "count": torch.tensor(count)}, str(tmp))
 
     def moment(self, layer: int) -> torch.Tensor:
-        """C (d_ff, d_ff) float32."""
+        """C (d_ff, d_ff) float32, on the model's device."""
         if layer not in self._mom:
             self.precompute([layer])
         return self._mom[layer]
 
     def inverse(self, layer: int) -> torch.Tensor:
-        """C^-1 (d_ff, d_ff) float32 (inverted in float64)."""
+        """C^-1 (d_ff, d_ff) float32 (inverted in float64), on the model's device."""
         if layer not in self._inv:
             self._inv[layer] = torch.linalg.inv(self.moment(layer).double()).float()
         return self._inv[layer]

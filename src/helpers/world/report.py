@@ -25,7 +25,7 @@ import torch
 
 from .. import data, scoring, tracing
 from ..hooks import trace
-from ..models import load_model, module_name, n_layers
+from ..models import device_of, load_model, module_name, n_layers
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,19 @@ def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size
     """Per pair: teacher-forced p(' ' + target | prompt) (product over tokens) and ``argmax_correct``, whether
     every target token is the model's argmax (exact match)."""
     rows = []
+    dev = device_of(model)
     for i in range(0, len(prompts), batch_size):
-        batch = scoring.make_batch(tok, prompts[i : i + batch_size], targets[i : i + batch_size])
+        batch = scoring.make_batch(tok, prompts[i : i + batch_size], targets[i : i + batch_size], device=dev)
         logits = model(**batch.model_inputs()).logits
         lps = scoring.target_token_logprobs(logits, batch)
+        ps, hits = [], []
         for j, lp in enumerate(lps):
             s, p, t = batch.start[j], batch.prompt_len[j], batch.target_len[j]
-            cols = torch.arange(s + p - 1, s + p - 1 + t)
-            hit = bool((logits[j, cols].argmax(-1) == batch.input_ids[j, cols + 1]).all())
-            rows.append({"p": float(lp.sum().exp()), "argmax_correct": hit})
+            cols = torch.arange(s + p - 1, s + p - 1 + t, device=dev)
+            hits.append((logits[j, cols].argmax(-1) == batch.input_ids[j, cols + 1]).all())
+            ps.append(lp.sum().exp())
+        for p, hit in zip(torch.stack(ps).tolist(), torch.stack(hits).tolist()):  # one copy to the CPU a batch
+            rows.append({"p": p, "argmax_correct": bool(hit)})
     return pd.DataFrame(rows)
 
 
@@ -107,6 +111,7 @@ def where_subject_is_read(model, tok, records: list[dict], sigma: float, layer: 
     by reading the name's other (noised) tokens directly. One row per (case_id, site).
     """
     embed = module_name(model, "embed")
+    dev = device_of(model)
     block = module_name(model, "block", layer)
     blocks = [module_name(model, "block", i) for i in range(n_layers(model))]
     rows = []
@@ -127,9 +132,10 @@ def where_subject_is_read(model, tok, records: list[dict], sigma: float, layer: 
                  "last subject token, every layer": ([e - 1], blocks, subject[:-1])}
         d = model.get_input_embeddings().weight.shape[1]
         noise = torch.from_numpy(tracing.noise_draws(n_samples, e - b, d)).float() * sigma  # column j: position b+j
+        noise = noise.to(dev)  # numpy's draws, moved once
         ps = {}
         for site, (positions, restored, noised) in sites.items():
-            ids = torch.tensor([x + y] * (1 + n_samples))
+            ids = torch.tensor([x + y] * (1 + n_samples), device=dev)
 
             def edit(out: torch.Tensor, name: str) -> torch.Tensor:
                 new = out.clone()
@@ -141,9 +147,9 @@ def where_subject_is_read(model, tok, records: list[dict], sigma: float, layer: 
 
             with trace(model, [embed] + restored, edit=edit, retain_output=False):
                 logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
-            pos = torch.arange(len(x) - 1, len(x) + len(y) - 1)
-            p = logp[:, pos, torch.tensor(y)].sum(-1).exp()
-            ps[site] = (float(p[0]), float(p[1:].mean()))
+            pos = torch.arange(len(x) - 1, len(x) + len(y) - 1, device=dev)
+            p = logp[:, pos, torch.tensor(y, device=dev)].sum(-1).exp()
+            ps[site] = tuple(torch.stack([p[0], p[1:].mean()]).tolist())
         p_clean, p_corr = ps["none"]
         for site, (_, p_rest) in ps.items():
             if site != "none":
