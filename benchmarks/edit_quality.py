@@ -80,6 +80,21 @@ def probs(model, tok, rec: dict) -> dict[str, np.ndarray]:
     return {"rewrite": p[:1], "para": p[1:a], "neigh_new": p[a:b], "neigh_true": p[b:]}
 
 
+def overrides(items: list[str], method: str) -> dict:
+    """``--set METHOD.KEY=VALUE`` items for ``method`` as a dict (values parsed as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        m, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set {item!r}: expected METHOD.KEY=VALUE, e.g. rome.kl_factor=0.0625")
+        if m == method:
+            out[name] = yaml.safe_load(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder with counterfact.json and corpus.txt "
@@ -100,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-tokens", type=int, default=20000, help="keys for the second moments")
     ap.add_argument("--out", default=None, help="write the per-edit table (csv)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                    help="override one hyperparameter for this run (a tuning grid point), e.g. rome.kl_factor=0.0625")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -118,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     facts = correct_facts(model, tok, load_records(folder, args.data), args.facts)
     print(f"model {folder} ({L} layers, d_model/d_ff {models.dims(model)}); {len(facts)} correct facts; "
-          f"hparams {args.hparams} / {args.problem}")
+          f"hparams {args.hparams} / {args.problem}" + (f"; overrides {args.set}" if args.set else ""))
 
     t0 = time.perf_counter()
     if args.corpus is None:
@@ -136,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method in methods:
         hp = E.load_hparams(args.hparams, method, args.problem)
+        hp.update(overrides(args.set, method))
         for layer in layers:
             reqs = [E.EditRequest(r["requested_rewrite"]["prompt"], r["requested_rewrite"]["subject"],
                                   r["requested_rewrite"]["target_new"]["str"], case_id=r["case_id"]) for r in facts]

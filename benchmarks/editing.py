@@ -13,6 +13,12 @@ phase; the one-fact phase runs first). Setup (statistics, templates, tasks, esse
 
     OMP_NUM_THREADS=1 python benchmarks/editing.py                      # default world (if cached) else smoke
     OMP_NUM_THREADS=1 python benchmarks/editing.py --model PATH --facts 32 --layers 3 --methods rome,ft1
+    python benchmarks/editing.py --model smollm2-135m --data known --corpus wikitext --no-loop --threads 2
+
+Distance to the limit: for the batched phase, the seconds per edit of the edit alone (``edit_many``; the
+evaluation is timed apart) are printed beside a lower bound for the same work (:mod:`edit_bound`: the
+floating-point operations of the matrix products the spec's steps need, at this machine's float32 GEMM
+throughput measured in the same run on products of the same shapes) and their ratio.
 """
 
 from __future__ import annotations
@@ -27,7 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import edit_bound  # noqa: E402
+
 from helpers import data, editing, evaluation, models, pipeline
+from helpers.checkpoints import NAMED_MODELS
+from helpers.tracing_noise import noise_sigma
 from helpers.editing import batched
 from helpers.problems import get_problem, make_task
 
@@ -36,9 +47,21 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def pick_model(args) -> Path:
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def pick_model(args) -> Path | str:
     if args.model:
-        return Path(args.model)
+        return args.model if args.model in NAMED_MODELS else Path(args.model)
     from helpers.world import ensure_world_model, world_folder
 
     cache = pipeline.cache_dir()
@@ -56,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", default="mid", help="comma-separated central layers, 'mid' or 'all'")
     ap.add_argument("--methods", default="rome,memit,ft1,ft5")
     ap.add_argument("--problems", default="ei", help="comma-separated problem keys (ei,tr,fe,fa,ff)")
-    ap.add_argument("--hparams", default="world")
+    ap.add_argument("--hparams", default=None, help="hparams family (default: world, or the named model's)")
+    ap.add_argument("--data", default=None, help="records: the model folder's counterfact.json (default), 'known' "
+                    "(ROME's known facts) or a CounterFact-schema JSON file")
+    ap.add_argument("--corpus", default=None, help="second-moment corpus: the folder's corpus.txt (default), "
+                    "'wikitext', 'wikitext-slice' or a text file")
+    ap.add_argument("--no-loop", action="store_true", help="skip the one-fact phase (batched phase and bound only)")
     ap.add_argument("--chunk", type=int, default=8, help="facts per edit_many call (the sweep's batch_size: 8)")
     ap.add_argument("--exact", action="store_true",
                     help="edit_many(exact=True): bitwise the one-fact path (default: fast mode, as the sweep: one "
@@ -77,18 +105,27 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = pick_model(args)
     model, tok = models.load_model(folder)
+    if args.hparams is None:
+        args.hparams = args.model if args.model in NAMED_MODELS else "world"
     L = models.n_layers(model)
     layers = ([L // 2] if args.layers == "mid" else list(range(L)) if args.layers == "all"
               else [int(x) for x in args.layers.split(",")])
-    facts = data.to_frame(data.load_counterfact(folder, args.facts))
+    source = pipeline.known_data() if args.data == "known" else (args.data or folder)
+    facts = data.to_frame(data.load_counterfact(source, args.facts))
     fact_rows = [row for _, row in facts.iterrows()]
     methods, problems = args.methods.split(","), args.problems.split(",")
     cache = pipeline.cache_dir()
-    stats = editing.SecondMoments(model, tok, folder / "corpus.txt", n_tokens=args.n_tokens, cache_dir=cache,
+    if args.corpus is None:
+        corpus = Path(folder) / "corpus.txt"
+    else:
+        from helpers.corpus import corpus_for
+
+        corpus = corpus_for(args.corpus)
+    stats = editing.SecondMoments(model, tok, corpus, n_tokens=args.n_tokens, cache_dir=cache,
                                   progress=False)
     stats.precompute(range(L))
     templates = editing.context_templates(model, tok, cache_dir=cache)
-    sigma = 0.1
+    sigma = 0.1 if args.data is None else noise_sigma(model, tok, list(facts["subject"]))
     print(f"model {folder} ({L} layers, d_model/d_ff {models.dims(model)}); {len(fact_rows)} facts x layers "
           f"{layers}; methods {methods}; problems {problems}; chunk {args.chunk}; "
           f"mode {'exact' if args.exact else 'fast'}; threads {torch.get_num_threads()}; reuse below the edit: "
@@ -108,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hooks.REUSE_BELOW = args.loop_reuse
     for (pr, m), (tasks, hp) in cells.items():  # one fact at a time
+        if args.no_loop:
+            continue
         t0 = time.perf_counter()
         out = []
         for layer in layers:
@@ -118,11 +157,18 @@ def main(argv: list[str] | None = None) -> int:
         results[(pr, m, "loop")] = (time.perf_counter() - t0, out)
     rss_loop = maxrss_mb()
     hooks.REUSE_BELOW = not args.no_batched_reuse
-    def run_batched(tasks, m, hp):
+    edit_time: dict = {}  # (problem, method) -> seconds in edit_many alone
+    made: dict = {}  # (problem, method) -> [(layer, task, edit)]
+
+    def run_batched(tasks, m, hp, key=None):
         out = []
         for layer in layers:
+            t = time.perf_counter()
             edits = batched.edit_many(model, tok, [t.request for t in tasks], m, layer, hp, stats=stats,
                                       templates=templates, chunk_size=args.chunk, exact=args.exact)
+            if key is not None:
+                edit_time[key] = edit_time.get(key, 0.0) + time.perf_counter() - t
+                made.setdefault(key, []).extend((layer, tk, e) for tk, e in zip(tasks, edits))
             for i in range(0, len(tasks), args.chunk):
                 sl = slice(i, i + args.chunk)
                 out += batched.measure_many(model, tok, tasks[sl], fact_rows[sl], edits[sl], essences[sl])
@@ -130,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for (pr, m), (tasks, hp) in cells.items():  # batched
         t0 = time.perf_counter()
-        out = run_batched(tasks, m, hp)
+        out = run_batched(tasks, m, hp, key=(pr, m))
         results[(pr, m, "batched")] = (time.perf_counter() - t0, out)
     rss_batched = maxrss_mb()
     if args.bf16:
@@ -141,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             results[(pr, m, "bf16")] = (time.perf_counter() - t0, out)
 
     n = len(fact_rows) * len(layers)
+    print_bound(model, tok, cells, made, edit_time, results, templates, n, len(fact_rows))
+    if args.no_loop:
+        print(f"\npeak RSS: setup {rss0:.0f} MB, after the batched phase {rss_batched:.0f} MB; "
+              f"CPU {cpu_name()}, {torch.get_num_threads()} threads")
+        return 0
     print(f"\n{'problem':8s} {'method':6s} {'edits':>5s} {'loop e/s':>9s} {'batched e/s':>11s} {'ratio':>6s} "
           f"{'max rel diff p_post':>19s}")
     ratios = []
@@ -168,7 +219,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npeak RSS: setup {rss0:.0f} MB, after the one-fact phase {rss_loop:.0f} MB, "
           f"after the batched phase {rss_batched:.0f} MB")
     print(f"geometric-mean speed-up {float(np.exp(np.mean(np.log(ratios)))):.2f}x")
+    print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads")
     return 0
+
+
+def print_bound(model, tok, cells, made, edit_time, results, templates, n, facts_per_layer) -> None:
+    """Seconds per edit of ``edit_many`` against the matrix-product lower bound (:mod:`edit_bound`)."""
+    works = {}
+    for (pr, m), (_, hp) in cells.items():
+        n_t = len(templates.rome) if m == "rome" else sum(len(g) for g in templates.memit)
+        works[(pr, m)] = [edit_bound.edit_flops(
+            model, tok, tk.request, m, layer, hp, n_templates=n_t,
+            updates=int(e.info.get("updates", 0)) if isinstance(e, editing.Edit) else 0,
+            noised=tk.request.noise is not None and tk.request.noise.sigma != 0,
+            facts_per_layer=facts_per_layer) for layer, tk, e in made[(pr, m)]]
+    shapes = sorted({s for ws in works.values() for w in ws for s in w.rows})
+    # rows of one product ~ the positions one optimisation step computes for a chunk of facts
+    rows = int(np.median([r / max(1, 2 * 20) for ws in works.values() for w in ws for r in w.rows.values()]) * 8)
+    rates = edit_bound.matmul_rate(shapes, max(rows, 64))
+    print(f"\nfloat32 GEMM throughput on the edits' shapes ({max(rows, 64)} rows): "
+          + ", ".join(f"{i}x{o} {r / 1e9:.0f}" for (i, o), r in rates.items()) + " GFLOP/s")
+    print(f"{'problem':8s} {'method':6s} {'edits':>5s} {'s/edit':>8s} {'bound s':>8s} {'ratio':>6s} "
+          f"{'GFLOP/edit':>10s} {'eval s/edit':>11s}")
+    for (pr, m) in cells:
+        ws = works[(pr, m)]
+        bound = sum(edit_bound.bound_seconds(w, rates) for w in ws) / len(ws)
+        gflop = sum(w.flops for w in ws) / len(ws) / 1e9
+        te = edit_time[(pr, m)] / n
+        tv = (results[(pr, m, "batched")][0] - edit_time[(pr, m)]) / n
+        print(f"{pr:8s} {m:6s} {n:5d} {te:8.3f} {bound:8.3f} {te / bound:6.2f} {gflop:10.2f} {tv:11.3f}")
 
 
 if __name__ == "__main__":

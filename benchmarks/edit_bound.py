@@ -1,0 +1,153 @@
+"""A lower bound on the time of one edit: the matrix products the spec's steps cannot avoid, at this CPU's speed.
+
+For one request, :func:`edit_flops` counts the floating-point operations (2 per multiply-add) of the dense
+matrix products that SCIENCE.md §6's steps need when every reuse is taken:
+
+- **ROME** (§6.1): k̄ needs layers 0..ℓ-1 over each of the 21 templated prompts up to its last subject token
+  (k* is the bare template's); v* needs, in each of its ``v_num_grad_steps`` forward passes, layers ℓ+1..L-1
+  at the positions from the last subject token on (earlier positions do not see δ: their keys/values are
+  computed once), over the 21 rewriting rows (prompt + target[:-1]) and the KL row; the unembedding only at
+  the target positions and at the KL position; ``updates`` backward passes of the same products (activation
+  gradients only: no weight is trained, so a backward pass costs one product per forward product).
+- **MEMIT** (§6.2): the same for z at the block output of the window's top layer (6 rows + KL), then per
+  window layer the keys over the 6 templates (layers 0..i up to the last subject token), the bare prompt's
+  block-z output, and one solve of (λC + kkᵀ)⁻¹k from a factorisation of λC made once per layer
+  (its (2/3) d_ff³ amortised over ``facts_per_layer`` edits).
+- **FT-w** (§6.3): per step taken (``updates``; the forward passes of skipped steps are not counted), layers from the window's first
+  down-projection to the top at every position of the row(s) (the trained weight changes every position),
+  the unembedding at the target positions; backward: activation gradients through the same layers plus
+  the weight gradient of each trained down-projection (d_model x d_ff x positions).
+- **Fact Forcing** draws fresh subject noise on every pass, so every step recomputes every layer from the
+  first noised position on (nothing below the edit can be reused); FT uses ``noise.n_samples`` rows.
+
+Left out (so the bound stays a bound): attention's score products (T x T per head; ≤ 2% here), norms,
+activations, softmax, Adam, and the evaluation after the edit. :func:`matmul_rate` measures this machine's
+float32 GEMM throughput on products of the same shapes (rows = the positions of one step), in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from helpers import models, scoring
+from helpers.editing.base import EditRequest, fill, subject_ranges
+from helpers.editing.rome import KL_TEMPLATE
+
+
+def linear_shapes(block: nn.Module) -> list[tuple[int, int]]:
+    """(in, out) of every dense product in a decoder block (nn.Linear, or GPT-2's Conv1D (in, out) weight)."""
+    shapes = []
+    for m in block.modules():
+        if isinstance(m, nn.Linear):
+            shapes.append((m.in_features, m.out_features))
+        elif type(m).__name__ == "Conv1D":
+            shapes.append(tuple(m.weight.shape))
+    return shapes
+
+
+@dataclass
+class Work:
+    """Multiply-adds of one edit, split by product shape: {(in, out): rows} (flops = 2 * rows * in * out)."""
+
+    rows: dict[tuple[int, int], float]
+    extra_flops: float = 0.0  # solves and factorisations (not GEMMs of the block's shapes)
+
+    def add(self, shapes: list[tuple[int, int]], n_rows: float, times: float = 1.0) -> None:
+        for s in shapes:
+            self.rows[s] = self.rows.get(s, 0.0) + n_rows * times
+
+    @property
+    def flops(self) -> float:
+        return sum(2.0 * r * i * o for (i, o), r in self.rows.items()) + self.extra_flops
+
+
+def _lengths(tok, texts: list[str]) -> list[int]:
+    return [len(scoring.encode(tok, t)) for t in texts]
+
+
+def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: int, hp: dict,
+               n_templates: int, updates: int, noised: bool, facts_per_layer: int = 1) -> Work:
+    """The products one edit needs (see the module docstring). ``n_templates``: rewriting rows (ROME 21,
+    MEMIT 6); ``updates``: backward passes (optimiser steps) the edit took; ``noised``: Fact Forcing."""
+    L = models.n_layers(model)
+    d_model, d_ff = models.dims(model)
+    V = int(model.get_output_embeddings().weight.shape[0])
+    blocks = [linear_shapes(b) for b in _blocks(model)]
+    unemb = [(d_model, V)]
+    n_target = len(scoring.encode(tok, scoring.with_space(request.target), bos_token=False))
+    w = Work({})
+    if method in ("rome", "memit"):
+        top = layer if method == "rome" else list(models.window(layer, 5, L))[-1]
+        # every row as the bare prompt: the same positions from the subject on as a templated row (the bound's
+        # suffix work is exact), fewer before it (the key passes are a lower bound)
+        templates = [request.template] * n_templates
+        full = templates + [KL_TEMPLATE]
+        ranges = subject_ranges(tok, full, request.subject)
+        lens = _lengths(tok, [fill(t, request.subject) for t in full])
+        lens = [n + (n_target - 1 if i < n_templates else 0) for i, n in enumerate(lens)]
+        first = [b if noised else e - 1 for b, e in ranges]  # first position a step must recompute
+        suffix = sum(n - f for n, f in zip(lens, first))
+        prefix_keys = sum(e for _, e in ranges[:n_templates])
+        steps = int(hp["v_num_grad_steps"])
+        lo = 0 if noised else top + 1
+        for j in range(lo, L):
+            w.add(blocks[j], suffix, steps + updates)
+        w.add(unemb, n_templates * n_target + 1, steps + updates)
+        for j in range(0, top + 1 if not noised else 0):
+            w.add(blocks[j], sum(lens), 1)  # the first pass, whose states below the edit later steps reuse
+        if method == "rome":
+            for j in range(layer):
+                w.add(blocks[j], prefix_keys, 1)  # k̄ over the templates (k* included: the bare row)
+        else:
+            win = list(models.window(layer, 5, L))
+            for i in win:
+                for j in range(i):
+                    w.add(blocks[j], prefix_keys, 1)  # keys at layer i
+                for j in range(win[0], top + 1):
+                    w.add(blocks[j], ranges[0][1], 1)  # h_cur of the bare prompt
+                w.extra_flops += 2.0 * d_ff * d_ff + (2.0 / 3.0) * d_ff ** 3 / max(facts_per_layer, 1)
+    else:
+        win = list(models.window(layer, int(hp.get("window", 1)), L))
+        n_rows = int(request.noise.n_samples) if noised and request.noise is not None else 1
+        (b, e), = subject_ranges(tok, [request.template], request.subject)
+        n = _lengths(tok, [request.text])[0] + n_target - 1
+        lo = 0 if noised else win[0]
+        first = b if noised else 0
+        tokens = n_rows * (n - first)
+        for j in range(lo, L):
+            w.add(blocks[j], tokens, 2 * updates)  # forward passes >= updates (a skipped step still runs one)
+        w.add(unemb, n_rows * n_target, 2 * updates)
+        for j in win:
+            w.add([(d_ff, d_model)], tokens, updates)  # weight gradient of each trained down-projection
+        for j in range(0, win[0] if not noised else 0):
+            w.add(blocks[j], n_rows * n, 1)
+    return w
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    return [models.module(model, "block", j) for j in range(models.n_layers(model))]
+
+
+def matmul_rate(shapes: list[tuple[int, int]], rows: int, repeats: int = 20) -> dict[tuple[int, int], float]:
+    """This machine's float32 GEMM speed (flop/s) for (rows x in) @ (in x out), per shape, best of ``repeats``."""
+    out = {}
+    for i, o in sorted(set(shapes)):
+        a, b = torch.randn(rows, i), torch.randn(i, o)
+        a @ b
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        out[(i, o)] = 2.0 * rows * i * o / best
+    return out
+
+
+def bound_seconds(work: Work, rates: dict[tuple[int, int], float]) -> float:
+    """Seconds the products of ``work`` take at ``rates`` (extra flops at the fastest measured rate)."""
+    t = sum(2.0 * r * i * o / rates[(i, o)] for (i, o), r in work.rows.items())
+    return t + work.extra_flops / max(rates.values())

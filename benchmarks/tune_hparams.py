@@ -1,0 +1,123 @@
+"""Hyperparameter grid on one model, loaded once (App. A's tuning: first passing facts, one layer, per problem).
+
+Each ``--point`` is a method and its overrides of the family's hparams; every point edits the same facts at the
+same layers through the production path (``editing.batched.edit_many``) and prints the quality bar's means
+(rewrite, paraphrase, neighborhood score and accuracy; :mod:`edit_quality`), one line per point and layer:
+
+    python benchmarks/tune_hparams.py --model smollm2-135m --data known --corpus wikitext --facts 20 --layers 6 \\
+        --point "rome:kl_factor=0.0625" --point "rome:kl_factor=0.0625,v_num_grad_steps=30" \\
+        --point "memit:mom2_update_weight=1500"
+
+``--out`` appends every edit's row (with the point's text) to a CSV file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import edit_quality as Q  # noqa: E402
+
+from helpers import editing as E  # noqa: E402
+from helpers import metrics, models  # noqa: E402
+from helpers.editing.batched import edit_many  # noqa: E402
+
+
+def parse_point(text: str) -> tuple[str, dict]:
+    """"rome:kl_factor=0.0625,v_num_grad_steps=30" -> ("rome", {...}) (values as YAML scalars)."""
+    method, _, rest = text.partition(":")
+    over = {}
+    for item in filter(None, rest.split(",")):
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--point {text!r}: expected METHOD:KEY=VALUE,...")
+        over[k.strip()] = yaml.safe_load(v)
+    return method.strip(), over
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", default="known")
+    ap.add_argument("--corpus", default="wikitext")
+    ap.add_argument("--n-tokens", type=int, default=100000)
+    ap.add_argument("--hparams", default=None, help="family (default: the named model's)")
+    ap.add_argument("--problem", default="error_injection")
+    ap.add_argument("--facts", type=int, default=20)
+    ap.add_argument("--skip", type=int, default=0, help="skip the first N passing facts")
+    ap.add_argument("--layers", default="6")
+    ap.add_argument("--point", action="append", required=True)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", default=".cache")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    from helpers.corpus import corpus_for
+
+    model, tok = models.load_model(args.model)
+    family = args.hparams or args.model
+    layers = [int(x) for x in args.layers.split(",")]
+    facts = Q.correct_facts(model, tok, Q.load_records(Path("."), args.data), args.skip + args.facts)[args.skip:]
+    points = [parse_point(p) for p in args.point]
+    stats = E.SecondMoments(model, tok, corpus_for(args.corpus), n_tokens=args.n_tokens, cache_dir=args.cache)
+    stats.precompute(sorted({l for m, _ in points for c in layers
+                             for l in (models.window(c, 5, models.n_layers(model)) if m in ("memit", "ft5") else [c])}))
+    templates = E.context_templates(model, tok, cache_dir=args.cache)
+    pre = [Q.probs(model, tok, r) for r in facts]
+    print(f"{args.model}: {len(facts)} passing facts (after {args.skip}), layers {layers}, problem {args.problem}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'point':55s} {'layer':>5s} {'RS':>6s} {'PS':>6s} {'NS':>6s} {'NA':>6s} {'s/edit':>7s}", flush=True)
+    rows = []
+    for text, (method, over) in zip(args.point, points):
+        hp = E.load_hparams(family, method, args.problem)
+        hp.update(over)
+        for layer in layers:
+            reqs = [E.EditRequest(r["requested_rewrite"]["prompt"], r["requested_rewrite"]["subject"],
+                                  r["requested_rewrite"]["target_new"]["str"], case_id=r["case_id"]) for r in facts]
+            t = time.perf_counter()
+            edits = edit_many(model, tok, reqs, method, layer, hp, stats=stats, templates=templates,
+                              chunk_size=args.batch, on_error="return", exact=False)
+            sec = (time.perf_counter() - t) / len(reqs)
+            sub = []
+            for rec, a, e in zip(facts, pre, edits):
+                if isinstance(e, E.EditError):
+                    sub.append({"point": text, "layer": layer, "case_id": rec["case_id"], "status": str(e)})
+                    continue
+                with E.applied(model, e):
+                    b = Q.probs(model, tok, rec)
+                nb = len(b["neigh_new"])
+                sub.append({
+                    "point": text, "layer": layer, "case_id": rec["case_id"], "status": "ok",
+                    "rewrite": float(metrics.rewrite_score(a["rewrite"], b["rewrite"])[0]),
+                    "paraphrase": float(np.mean(metrics.rewrite_score(a["para"], b["para"]))),
+                    "neighborhood": float(np.mean(metrics.neighborhood_score(a["neigh_new"], b["neigh_new"])))
+                    if nb else math.nan,
+                    "neighborhood_acc": float(np.mean(b["neigh_true"] > b["neigh_new"])) if nb else math.nan,
+                    "seconds": sec,
+                })
+            df = pd.DataFrame(sub)
+            ok = df[df["status"] == "ok"]
+            print(f"{text:55s} {layer:5d} {ok['rewrite'].mean():6.3f} {ok['paraphrase'].mean():6.3f} "
+                  f"{ok['neighborhood'].mean():6.3f} {ok['neighborhood_acc'].mean():6.3f} {sec:7.2f}"
+                  + (f"  ({len(df) - len(ok)} failed)" if len(ok) < len(df) else ""), flush=True)
+            rows += sub
+    if args.out:
+        out = Path(args.out)
+        pd.DataFrame(rows).to_csv(out, mode="a", header=not out.exists(), index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
