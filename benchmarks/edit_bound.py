@@ -55,6 +55,7 @@ class Work:
 
     rows: dict[tuple[int, int], float]
     extra_flops: float = 0.0  # solves and factorisations (not GEMMs of the block's shapes)
+    pass_rows: int = 0  # rows of one optimisation pass's products for this edit (the GEMM shapes to time)
 
     def add(self, shapes: list[tuple[int, int]], n_rows: float, times: float = 1.0) -> None:
         for s in shapes:
@@ -91,6 +92,7 @@ def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: 
         lens = [n + (n_target - 1 if i < n_templates else 0) for i, n in enumerate(lens)]
         first = [b if noised else e - 1 for b, e in ranges]  # first position a step must recompute
         suffix = sum(n - f for n, f in zip(lens, first))
+        w.pass_rows = suffix
         prefix_keys = sum(e for _, e in ranges[:n_templates])
         steps = int(hp["v_num_grad_steps"])
         lo = 0 if noised else top + 1
@@ -111,13 +113,16 @@ def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: 
                     w.add(blocks[j], ranges[0][1], 1)  # h_cur of the bare prompt
                 w.extra_flops += 2.0 * d_ff * d_ff + (2.0 / 3.0) * d_ff ** 3 / max(facts_per_layer, 1)
     else:
-        win = list(models.window(layer, int(hp.get("window", 1)), L))
+        from helpers.editing import edit_layers
+
+        win = edit_layers(model, method, layer, hp)
         n_rows = int(request.noise.n_samples) if noised and request.noise is not None else 1
         (b, e), = subject_ranges(tok, [request.template], request.subject)
         n = _lengths(tok, [request.text])[0] + n_target - 1
         lo = 0 if noised else win[0]
         first = b if noised else 0
         tokens = n_rows * (n - first)
+        w.pass_rows = tokens
         for j in range(lo, L):
             w.add(blocks[j], tokens, 2 * updates)  # forward passes >= updates (a skipped step still runs one)
         w.add(unemb, n_rows * n_target, 2 * updates)

@@ -132,15 +132,17 @@ def test_rows_from_other_settings_are_not_resumed(lm, facts, tmp_path, caplog):
 
 
 def test_failed_edit_is_recorded_and_sweep_goes_on(lm, facts, tmp_path, monkeypatch):
+    from helpers.editing import batched
+
     model, tok = lm
-    real = editing.edit
+    real = batched.edit_many
 
-    def flaky(model, tok, request, method, layer, *a, **k):
-        if request.case_id == 1 and layer == 2:
+    def flaky(model, tok, requests, method, layer, *a, **k):  # the sweep's one production path
+        if any(r.case_id == 1 for r in requests) and layer == 2:
             raise FloatingPointError("NaN in v*")
-        return real(model, tok, request, method, layer, *a, **k)
+        return real(model, tok, requests, method, layer, *a, **k)
 
-    monkeypatch.setattr(editing, "edit", flaky)
+    monkeypatch.setattr(batched, "edit_many", flaky)
     t = sweep.run_cell(model, tok, facts.head(3), _cell(batch_size=1), tmp_path / "t.parquet", tmp_path)
     bad = t[t["status"] == "error"]
     assert list(zip(bad["case_id"], bad["central_layer"])) == [(1, 2)]
@@ -245,16 +247,17 @@ def test_measure_equals_a_hand_computation(lm, facts):
                                                               ("ft1", "ei", True), ("rome", "ff", True)])
 def test_fine_tuning_under_input_noise_is_edited_one_fact_at_a_time(lm, facts, tmp_path, monkeypatch, method,
                                                                     problem, batched_expected):
-    """FT x Fact Forcing chunks skip the batched optimiser (slower there); every other cell uses it."""
+    """FT x Fact Forcing chunks go through the batched path one fact at a time (K facts together are slower
+    there); every other cell edits its chunk of 2 facts together."""
     from helpers.editing import batched
 
     model, tok = lm
     calls = []
     real = batched.edit_many
-    monkeypatch.setattr(batched, "edit_many", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(batched, "edit_many", lambda m, t, reqs, *a, **k: calls.append(len(reqs)) or real(m, t, reqs, *a, **k))
     stats, templates = _stats_and_templates(model, tok, facts, tmp_path)
     cfg = _cell(method, problem, batch_size=2)
     cfg.layers = cfg.layers[:1]
     t = sweep.run_cell(model, tok, facts.head(2), cfg, tmp_path / "t.parquet", tmp_path, stats, templates)
     assert (t["status"] == "ok").all() and len(t) == 2
-    assert bool(calls) == batched_expected
+    assert calls == ([2] if batched_expected else [1, 1])

@@ -143,8 +143,10 @@ def run_cell(
 
     Facts are processed in chunks of ``cfg.batch_size``: at each layer the chunk's edits are optimised together
     (:func:`helpers.editing.batched.edit_many`, equal to one-at-a-time editing) and evaluated in batched passes
-    with per-example edits. A chunk that fails as a whole is redone one fact at a time, so every failure is
-    recorded on its own row. The table is written after every chunk. ``stop_after`` processes at most that
+    with per-example edits; this batched path is the only production path (chunks of one fact where that is
+    faster: fine-tuning under Fact Forcing). ``editing.edit`` / ``evaluation.measure`` remain as the readable
+    one-fact reference that the tests compare it with. A chunk that fails as a whole is redone one fact at a
+    time, so every failure is recorded on its own row. The table is written after every chunk. ``stop_after`` processes at most that
     many facts in this call (for tests of resuming).
     """
     out_path = Path(out_path)
@@ -201,20 +203,6 @@ def _fail(row: dict, cfg: CellConfig, err: BaseException) -> None:
     row.update(status="error", message=f"{type(err).__name__}: {err}")
 
 
-def _edit_one(model, tok, fact, task: Task, pre, layer: int, cfg: CellConfig, stats, templates) -> dict:
-    p = pre.loc[int(fact["case_id"])]
-    row = _base_row(fact, task, p, layer, cfg, model)
-    t0 = time.perf_counter()
-    try:
-        e = editing.edit(model, tok, task.request, cfg.method, layer, cfg.hparams, stats=stats, templates=templates)
-        with editing.applied(model, e):
-            _post(row, evaluation.measure(model, tok, task, fact, list(p["essence_texts"])))
-    except Exception as err:  # recorded, the sweep goes on
-        _fail(row, cfg, err)
-    row["seconds"] = time.perf_counter() - t0
-    return row
-
-
 def _one_at_a_time_is_faster(cfg: CellConfig, tasks: list[Task]) -> bool:
     """Fine-tuning under input noise (Fact Forcing): fresh noise at every step leaves nothing below the edit to
     reuse, and a batch's per-fact dense deltas cost more than batching saves (``benchmarks/editing.py
@@ -225,8 +213,11 @@ def _one_at_a_time_is_faster(cfg: CellConfig, tasks: list[Task]) -> bool:
 
 def _edit_chunk(model, tok, chunk: list, tasks: list[Task], pre, layer: int, cfg: CellConfig, stats,
                 templates) -> list[dict]:
-    if len(chunk) == 1 or cfg.batch_size <= 1 or _one_at_a_time_is_faster(cfg, tasks):
-        return [_edit_one(model, tok, f, t, pre, layer, cfg, stats, templates) for f, t in zip(chunk, tasks)]
+    """Edit and evaluate ``chunk`` at ``layer`` through the one production path (``batched.edit_many`` and
+    ``batched.measure_many``); chunks that are faster one fact at a time go through it in chunks of one."""
+    if len(chunk) > 1 and (cfg.batch_size <= 1 or _one_at_a_time_is_faster(cfg, tasks)):
+        return [r for f, t in zip(chunk, tasks)
+                for r in _edit_chunk(model, tok, [f], [t], pre, layer, cfg, stats, templates)]
     from .editing import batched
 
     t0 = time.perf_counter()
@@ -239,8 +230,15 @@ def _edit_chunk(model, tok, chunk: list, tasks: list[Task], pre, layer: int, cfg
                                   [f for f, o in zip(chunk, ok) if o], [e for e, o in zip(edits, ok) if o],
                                   [x for x, o in zip(essences, ok) if o])
     except Exception as err:  # the whole chunk failed: redo it one fact at a time to attribute the failure
-        log.warning("batched %s at layer %s failed (%s); redoing the chunk one fact at a time", cfg.method, layer, err)
-        return [_edit_one(model, tok, f, t, pre, layer, cfg, stats, templates) for f, t in zip(chunk, tasks)]
+        if len(chunk) > 1:
+            log.warning("batched %s at layer %s failed (%s); redoing the chunk one fact at a time", cfg.method,
+                        layer, err)
+            return [r for f, t in zip(chunk, tasks)
+                    for r in _edit_chunk(model, tok, [f], [t], pre, layer, cfg, stats, templates)]
+        row = _base_row(chunk[0], tasks[0], pre.loc[int(chunk[0]["case_id"])], layer, cfg, model)
+        _fail(row, cfg, err)
+        row["seconds"] = time.perf_counter() - t0
+        return [row]
     seconds = (time.perf_counter() - t0) / len(chunk)
     rows, it = [], iter(ms)
     for f, t, e, o in zip(chunk, tasks, edits, ok):
