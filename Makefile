@@ -46,6 +46,8 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/edit_quality.py --facts 50 --layers 0,2,4,6 || true
 	@echo "==> real model: tracing speed on SmolLM2-135M (fast path vs one site at a time, 8 known facts, window 10)"
 	$(PY) benchmarks/tracing.py --model smollm2-135m --data known --facts 8 --windows 10 --repeats 1 --threads 2
+	@echo "==> real model: editing speed on SmolLM2-135M against the matrix-product lower bound (EI and FF, layers 6 and 18)"
+	$(PY) benchmarks/editing.py --model smollm2-135m --data known --corpus wikitext --n-tokens 100000 --no-loop --facts 2 --layers 6,18 --problems ei,ff --threads 2 --chunk 2
 	@echo "==> real model: editing quality bar on SmolLM2-135M (50 known facts, Error Injection)"
 	$(PY) benchmarks/edit_quality.py --model smollm2-135m --data known --corpus wikitext --n-tokens 100000 --facts 50 --layers 3,6,12,21 --threads 2 || true
 	@echo "==> per-stage times of the last run of each profile"
