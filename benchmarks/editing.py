@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import edit_bound  # noqa: E402
+from tracing import cpu_model as cpu_name  # noqa: E402  (benchmarks/tracing.py)
 
 from helpers import data, editing, evaluation, models, pipeline
 from helpers.checkpoints import NAMED_MODELS
@@ -45,18 +46,6 @@ from helpers.problems import get_problem, make_task
 
 def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def pick_model(args) -> Path | str:
