@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from helpers import models, scoring
+from helpers.editing import edit_layers
 from helpers.editing.base import EditRequest, fill, subject_ranges
 from helpers.editing.rome import KL_TEMPLATE
 
@@ -81,8 +82,9 @@ def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: 
     unemb = [(d_model, V)]
     n_target = len(scoring.encode(tok, scoring.with_space(request.target), bos_token=False))
     w = Work({})
+    win = edit_layers(model, method, layer, hp)  # ROME/FT-1 [layer]; MEMIT/FT-5 W(layer, 5)
     if method in ("rome", "memit"):
-        top = layer if method == "rome" else list(models.window(layer, 5, L))[-1]
+        top = win[-1]  # where δ is added: ROME's MLP output, MEMIT's last window block
         # every row as the bare prompt: the same positions from the subject on as a templated row (the bound's
         # suffix work is exact), fewer before it (the key passes are a lower bound)
         templates = [request.template] * n_templates
@@ -105,7 +107,6 @@ def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: 
             for j in range(layer):
                 w.add(blocks[j], prefix_keys, 1)  # k̄ over the templates (k* included: the bare row)
         else:
-            win = list(models.window(layer, 5, L))
             for i in win:
                 for j in range(i):
                     w.add(blocks[j], prefix_keys, 1)  # keys at layer i
@@ -113,9 +114,6 @@ def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: 
                     w.add(blocks[j], ranges[0][1], 1)  # h_cur of the bare prompt
                 w.extra_flops += 2.0 * d_ff * d_ff + (2.0 / 3.0) * d_ff ** 3 / max(facts_per_layer, 1)
     else:
-        from helpers.editing import edit_layers
-
-        win = edit_layers(model, method, layer, hp)
         n_rows = int(request.noise.n_samples) if noised and request.noise is not None else 1
         (b, e), = subject_ranges(tok, [request.template], request.subject)
         n = _lengths(tok, [request.text])[0] + n_target - 1
@@ -126,8 +124,7 @@ def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: 
         for j in range(lo, L):
             w.add(blocks[j], tokens, 2 * updates)  # forward passes >= updates (a skipped step still runs one)
         w.add(unemb, n_rows * n_target, 2 * updates)
-        for j in win:
-            w.add([(d_ff, d_model)], tokens, updates)  # weight gradient of each trained down-projection
+        w.add([(d_ff, d_model)], tokens, updates * len(win))  # weight gradient of each trained down-projection
         for j in range(0, win[0] if not noised else 0):
             w.add(blocks[j], n_rows * n, 1)
     return w

@@ -80,6 +80,21 @@ def probs(model, tok, rec: dict) -> dict[str, np.ndarray]:
     return {"rewrite": p[:1], "para": p[1:a], "neigh_new": p[a:b], "neigh_true": p[b:]}
 
 
+def scores(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
+    """The bar's per-edit scores from :func:`probs` before (``a``) and after (``b``) an edit; neighborhood
+    columns are NaN for a record without neighborhood prompts (skipped in means)."""
+    nb = len(b["neigh_new"])
+    return {
+        "rewrite": float(metrics.rewrite_score(a["rewrite"], b["rewrite"])[0]),
+        "paraphrase": float(np.mean(metrics.rewrite_score(a["para"], b["para"]))),
+        "paraphrase_first": float(metrics.rewrite_score(a["para"][:1], b["para"][:1])[0]),
+        "neighborhood": float(np.mean(metrics.neighborhood_score(a["neigh_new"], b["neigh_new"]))) if nb else math.nan,
+        "neighborhood_acc": float(np.mean(b["neigh_true"] > b["neigh_new"])) if nb else math.nan,
+        "neighborhood_acc_pre": float(np.mean(a["neigh_true"] > a["neigh_new"])) if nb else math.nan,
+        "p_new_post": float(b["rewrite"][0]),
+    }
+
+
 def overrides(items: list[str], method: str) -> dict:
     """``--set METHOD.KEY=VALUE`` items for ``method`` as a dict (values parsed as YAML scalars)."""
     import yaml
@@ -177,19 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                     with E.applied(model, e):
                         b = probs(model, tok, rec)
                 finite = all(np.isfinite(v).all() for v in b.values())  # edit() raises on non-finite deltas
-                nb = len(b["neigh_new"])  # a record may have no neighborhood prompts: NaN, skipped in means
-                rows.append({
-                    "case_id": rec["case_id"], "method": method, "central_layer": layer,
-                    "rewrite": float(metrics.rewrite_score(a["rewrite"], b["rewrite"])[0]),
-                    "paraphrase": float(np.mean(metrics.rewrite_score(a["para"], b["para"]))),
-                    "paraphrase_first": float(metrics.rewrite_score(a["para"][:1], b["para"][:1])[0]),
-                    "neighborhood": float(np.mean(metrics.neighborhood_score(a["neigh_new"], b["neigh_new"])))
-                    if nb else math.nan,
-                    "neighborhood_acc": float(np.mean(b["neigh_true"] > b["neigh_new"])) if nb else math.nan,
-                    "neighborhood_acc_pre": float(np.mean(a["neigh_true"] > a["neigh_new"])) if nb else math.nan,
-                    "p_new_post": float(b["rewrite"][0]), "finite": finite and status == "ok",
-                    "seconds": per_edit, "status": status,
-                })
+                rows.append({"case_id": rec["case_id"], "method": method, "central_layer": layer, **scores(a, b),
+                             "finite": finite and status == "ok", "seconds": per_edit, "status": status})
             sub = [r for r in rows if r["method"] == method and r["central_layer"] == layer]
             print(f"  {method:5s} layer {layer:2d}: RS {np.mean([r['rewrite'] for r in sub]):.3f}  "
                   f"PS {np.mean([r['paraphrase'] for r in sub]):.3f}  "

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -29,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import edit_quality as Q  # noqa: E402
 
 from helpers import editing as E  # noqa: E402
-from helpers import metrics, models  # noqa: E402
+from helpers import models  # noqa: E402
 from helpers.editing.batched import edit_many  # noqa: E402
 
 
@@ -97,16 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 with E.applied(model, e):
                     b = Q.probs(model, tok, rec)
-                nb = len(b["neigh_new"])
-                sub.append({
-                    "point": text, "layer": layer, "case_id": rec["case_id"], "status": "ok",
-                    "rewrite": float(metrics.rewrite_score(a["rewrite"], b["rewrite"])[0]),
-                    "paraphrase": float(np.mean(metrics.rewrite_score(a["para"], b["para"]))),
-                    "neighborhood": float(np.mean(metrics.neighborhood_score(a["neigh_new"], b["neigh_new"])))
-                    if nb else math.nan,
-                    "neighborhood_acc": float(np.mean(b["neigh_true"] > b["neigh_new"])) if nb else math.nan,
-                    "seconds": sec,
-                })
+                sub.append({"point": text, "layer": layer, "case_id": rec["case_id"], "status": "ok",
+                            **Q.scores(a, b), "seconds": sec})
             df = pd.DataFrame(sub)
             ok = df[df["status"] == "ok"]
             print(f"{text:55s} {layer:5d} {ok['rewrite'].mean():6.3f} {ok['paraphrase'].mean():6.3f} "

@@ -19,6 +19,7 @@ from torch import nn
 from . import metrics, scoring
 from .editing import NoiseSpec, input_noise
 from .editing.base import NoisePositions
+from .models import device_of
 from .problems import Task
 from .tracing import SubjectNotFoundError, fill_prompt, subject_range
 
@@ -119,8 +120,6 @@ def measure(model: nn.Module, tok, task: Task, fact: Mapping, essence: Sequence[
 @torch.no_grad()
 def top_predictions(model: nn.Module, tok, prompt: str, k: int = 5) -> list[tuple[str, float]]:
     """The ``k`` most likely next tokens after ``prompt`` with their probabilities."""
-    from .models import device_of
-
     ids = torch.tensor([scoring.encode(tok, prompt)], device=device_of(model))
     p = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)
     vals, idx = p.topk(k)

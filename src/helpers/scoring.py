@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .models import device_of
+
 log = logging.getLogger(__name__)
 
 
@@ -90,9 +92,6 @@ class Batch:
             "position_ids": self.position_ids,
         }
 
-    def last_prompt_pos(self) -> torch.Tensor:
-        """(B,) column of each row's last prompt token."""
-        return torch.tensor([s + p - 1 for s, p in zip(self.start, self.prompt_len)], device=self.device)
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -259,8 +258,6 @@ def target_logprobs(
 
     Any hooks installed on ``model`` by the caller (noise, edits) apply to every pass.
     """
-    from .models import device_of
-
     out = []
     dev = device_of(model)
     with torch.no_grad():
@@ -301,8 +298,6 @@ def text_token_logprobs(model: nn.Module, tok, texts: Sequence[str], max_tokens:
 
     All texts run in one right-padded forward pass (so a caller's per-row hooks see one row per text).
     """
-    from .models import device_of
-
     ids = [encode(tok, t)[:max_tokens] for t in texts]
     if not ids:
         return []
@@ -348,8 +343,6 @@ def generate(
     pass and single tokens afterwards. The top-k probabilities are moved to the CPU for the draw (B x k numbers a
     step), so every device samples the same tokens from the same probabilities.
     """
-    from .models import device_of
-
     if (max_new_tokens is None) == (max_out_len is None):
         raise ValueError("give exactly one of max_new_tokens, max_out_len")
     gen = torch.Generator().manual_seed(seed)
