@@ -27,11 +27,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 book: $(STAMP)
-	@echo "==> running the notebooks of profile '$(PROFILE)' in order"
-	$(PY) -m helpers run --profile $(PROFILE)
-	@echo "==> building the book"
-	$(PY) -m helpers build-book
-	@echo "==> open book/_build/html/index.html"
+	@echo "==> running the notebooks of profile '$(PROFILE)' in order, then building the book"
+	@$(PY) -m helpers book --profile $(PROFILE)
 
 test: $(STAMP)
 	@echo "==> running the test suite"

@@ -6,10 +6,35 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import pipeline
+from .book_build import BookBuildFailed, headline
 from .runlock import RunLocked
+
+
+def _book(args: argparse.Namespace) -> int:
+    """``make book``: every stage, the build, then a summary (pages, headline, total time, where to open)."""
+    t0 = time.perf_counter()
+    try:
+        report = pipeline.run(args.profile, book_dir=args.book_dir, jobs=args.jobs, wait=args.wait)
+        html = pipeline.build_book(args.book_dir)
+    except (pipeline.StageFailed, RunLocked, BookBuildFailed) as err:
+        print(f"[pipeline] ERROR: {err}", file=sys.stderr)
+        return 1
+    ran = sum(r["status"] == "ran" for r in report)
+    pages = sum(1 for p in html.rglob("*.html") if not p.name.startswith(("genindex", "search")))
+    book_dir = (args.book_dir or pipeline.project_root() / "book").resolve()
+    head = headline(book_dir)
+    m, s = divmod(int(round(time.perf_counter() - t0)), 60)
+    print("=" * 72)
+    print(f"book of profile '{args.profile}': {len(report)} stages ({ran} run, {len(report) - ran} unchanged), "
+          f"{pages} pages, {m} min {s:02d} s in all")
+    if head:
+        print(f"headline: {head}")
+    print(f"open {html / 'index.html'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="independent stages (editing cells) run this many at a time (default: 2 on 2+ cores)")
     r.add_argument("--wait", action="store_true",
                    help="if another run is using this profile's results folder, wait for it (default: refuse)")
+    bk = sub.add_parser("book", help="run the profile's notebooks, build the book, print a summary (make book)")
+    for a in ("--profile",):
+        bk.add_argument(a, default="default", help="profile name or path to a YAML file")
+    bk.add_argument("--book-dir", type=Path, default=None, help="book folder (default: ./book)")
+    bk.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="as for run")
+    bk.add_argument("--wait", action="store_true", help="as for run")
     b = sub.add_parser("build-book", help="build the Jupyter Book (warnings are errors)")
     b.add_argument("--book-dir", type=Path, default=None)
     c = sub.add_parser("check-book", help="open every built page in headless chromium and check it")
@@ -39,8 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         except (pipeline.StageFailed, RunLocked) as err:
             print(f"[pipeline] ERROR: {err}", file=sys.stderr)
             return 1
+    elif args.cmd == "book":
+        return _book(args)
     elif args.cmd == "build-book":
-        pipeline.build_book(args.book_dir)
+        try:
+            pipeline.build_book(args.book_dir)
+        except BookBuildFailed as err:
+            print(f"[book] ERROR: {err}", file=sys.stderr)
+            return 1
     elif args.cmd == "check-book":
         from .bookcheck import check_book
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
+from .paper import HEADLINES
 from .profile_loader import project_root
 
 
@@ -85,8 +87,43 @@ def build_book(book_dir: Path | None = None, out_dir: Path | None = None) -> Pat
     cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(book_dir), "--warningiserror", "--keep-going"]
     if out_dir is not None:
         cmd += ["--path-output", str(out_dir)]
-    print("[book] " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
     html = (out_dir or book_dir) / "_build" / "html"
-    print(f"[book] built {html / 'index.html'}", flush=True)
+    log_path = html.parent / "jupyter-book.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[book] jupyter-book build (output in {log_path}) ...", flush=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-25:])
+        raise BookBuildFailed(f"jupyter-book build failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
+    n_pages = sum(1 for _ in html.rglob("*.html") if not _.name.startswith(("genindex", "search")))
+    print(f"[book] built {n_pages} pages in {time.perf_counter() - t0:.0f} s: open {html / 'index.html'}", flush=True)
     return html
+
+
+class BookBuildFailed(RuntimeError):
+    """jupyter-book exited with an error; the message holds the end of its log and the log's path."""
+
+
+def headline(book_dir: Path) -> str | None:
+    """The book's headline in one sentence, read from the glued numbers of the executed five-problems chapter
+    (None when that chapter was not run): the largest gain in R^2 from adding tracing to layer, and where."""
+    values: dict[str, str] = {}
+    try:
+        nb = json.loads((book_dir / "executed" / "05_five_problems.ipynb").read_text())
+    except (OSError, ValueError):
+        return None
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []):
+            name = out.get("metadata", {}).get("scrapbook", {}).get("name")
+            if name:
+                text = out.get("data", {}).get("text/plain", "")
+                values[name] = "".join(text) if isinstance(text, list) else str(text)
+    if "max_diff" not in values:
+        return None
+    cell = values.get("max_diff_cell", "").strip("'\"")
+    return (f"adding tracing to layer raises R^2 by at most {float(values['max_diff']):.3f}"
+            + (f" ({cell})" if cell else "") + f"; the paper (GPT-J): at most {HEADLINES['max_diff']:.3f}")

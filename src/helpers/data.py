@@ -354,7 +354,7 @@ def correctness(
 
     prompts = [p.format(s) for p, s in zip(facts["prompt"], facts["subject"])]
     conts = []
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     for i in tqdm(range(0, len(prompts), batch_size), desc="correctness filter", leave=False):
         conts += scoring.generate(model, tok, prompts[i : i + batch_size], max_new_tokens=max_new_tokens)

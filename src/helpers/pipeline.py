@@ -12,6 +12,7 @@ Profiles and the folders they resolve to are in :mod:`helpers.profile_loader`, t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +24,8 @@ from typing import Any
 
 # Re-exported: the public names of this module before it was split.
 from .book_build import _prepare_for_book, build_book, executed_key, write_toc
+from .progress import ENV, StatusLine
+from .tables import atomic_path
 from .profile_loader import (
     DEFAULTS,
     PACKAGE_DIR,
@@ -103,9 +106,29 @@ class StageFailed(RuntimeError):
     """A notebook raised; the message names the cell's error and the partial notebook's path."""
 
 
-def _execute(st: Stage, params: dict, dest: Path, root: Path, key: str = "") -> None:
+def _kernel_manager(log_path: Path, env: dict[str, str]) -> type:
+    """A kernel manager whose kernel gets ``env`` on top of this process's environment and writes its own
+    stdout/stderr (ipykernel's start-up warnings, C-level messages) to ``log_path``, not to the terminal."""
+    from jupyter_client import AsyncKernelManager
+
+    class StageKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):  # type: ignore[override]
+            with open(log_path, "ab") as log:  # the kernel process keeps its own copy of the descriptor
+                kw.setdefault("stdout", log)
+                kw.setdefault("stderr", log)
+                kw["env"] = {**os.environ, **kw.get("env", {}), **env}
+                await AsyncKernelManager.start_kernel(self, **kw)
+
+    return StageKernelManager
+
+
+def _execute(st: Stage, params: dict, dest: Path, root: Path, key: str = "", log_path: Path | None = None,
+             env: dict[str, str] | None = None) -> None:
     import papermill as pm
 
+    extra = {}
+    if log_path is not None:
+        extra["kernel_manager_class"] = _kernel_manager(log_path, env or {})
     try:
         pm.execute_notebook(
             str(st.notebook),
@@ -116,11 +139,13 @@ def _execute(st: Stage, params: dict, dest: Path, root: Path, key: str = "") -> 
             log_output=False,
             kernel_name="python3",
             language="python",
+            **extra,
         )
     except pm.PapermillExecutionError as err:
+        where = f"\nkernel log: {log_path}" if log_path is not None else ""
         raise StageFailed(
             f"stage {st.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-            f"partial notebook: {dest}"
+            f"partial notebook: {dest}{where}"
         ) from None
     _prepare_for_book(dest, st.title, key)
 
@@ -159,8 +184,6 @@ def _run(
     time, each kernel with ``cpu_count // jobs`` threads. A stage's key covers its notebook, parameters, the
     profile, the ``helpers`` source and the keys of every earlier stage of another notebook.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     root = (root or project_root()).resolve()
     profile = load_profile(profile_name)
     book_dir = (book_dir or root / "book").resolve()
@@ -189,6 +212,44 @@ def _run(
         keys.append((params, key))
         upstream = hashlib.sha256((upstream + key).encode()).hexdigest()
 
+    logs = res / "logs"
+    logs.mkdir(exist_ok=True)
+    with _papermill_log(logs / "pipeline.log"), StatusLine() as status:
+        report = _execute_all(todo, keys, res, out_dir, root, force, only, jobs, status)
+    total = sum(r["seconds"] for r in report)
+    print(f"[pipeline] finished: {total:.1f} s of stage time ({_minutes(total)}); logs in {logs}", flush=True)
+    with atomic_path(res / "timings.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _minutes(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+@contextlib.contextmanager
+def _papermill_log(path: Path):
+    """papermill's INFO lines go to ``path`` instead of the terminal for the duration."""
+    pm_log = logging.getLogger("papermill")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = pm_log.propagate, pm_log.level
+    pm_log.addHandler(handler)
+    pm_log.propagate, pm_log.level = False, logging.INFO
+    try:
+        yield
+    finally:
+        pm_log.removeHandler(handler)
+        handler.close()
+        pm_log.propagate, pm_log.level = saved
+
+
+def _execute_all(todo, keys, res, out_dir, root, force, only, jobs, status: StatusLine) -> list[dict]:
+    """Run the stages that are not up to date; consecutive stages of one notebook ``jobs`` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = len(todo)
     report: list[dict] = []
     i = 0
     while i < n:
@@ -203,48 +264,49 @@ def _run(
                 continue
             if (not force and stamp.exists() and json.loads(stamp.read_text()).get("key") == key
                     and executed_key(dest) == key):
-                print(f"[pipeline] ({k + 1}/{n}) {st.name}: unchanged, skipped", flush=True)
+                status.print(f"[pipeline] ({k + 1}/{n}) {st.name}: unchanged, skipped")
                 report.append({"stage": st.name, "status": "skipped", "seconds": 0.0})
                 continue
             batch.append((k, st, params, key, stamp, dest))
+        width = max(1, min(jobs, len(batch)))
+        threads = str(max(1, (os.cpu_count() or 1) // width))
 
         def one(item):
             k, st, params, key, stamp, dest = item
             stamp.unlink(missing_ok=True)
-            print(f"[pipeline] ({k + 1}/{n}) {st.name}: running {st.notebook.name} ...", flush=True)
+            label = f"({k + 1}/{n}) {st.name}"
+            log_path, prog = res / "logs" / f"{st.name}.log", res / "logs" / f"{st.name}.progress.json"
+            log_path.unlink(missing_ok=True)
+            prog.unlink(missing_ok=True)
+            env = {ENV: str(prog)}
+            if width > 1:  # each of the concurrent kernels gets its share of the cores
+                env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+            status.print(f"[pipeline] {label}: running {st.notebook.name} ...")
+            status.start(label, prog)
             t0 = time.perf_counter()
-            _execute(st, params, dest, root, key)
+            try:
+                _execute(st, params, dest, root, key, log_path=log_path, env=env)
+            finally:
+                status.stop(label)
+                prog.unlink(missing_ok=True)
             dt = time.perf_counter() - t0
-            stamp.write_text(json.dumps({"key": key, "seconds": dt}))
-            print(f"[pipeline] ({k + 1}/{n}) {st.name}: done in {dt:.1f} s", flush=True)
+            with atomic_path(stamp) as tmp:
+                tmp.write_text(json.dumps({"key": key, "seconds": dt}))
+            status.print(f"[pipeline] {label}: done in {_minutes(dt)}")
             return {"stage": st.name, "status": "ran", "seconds": dt}
 
-        width = max(1, min(jobs, len(batch)))
         if width == 1:
             report += [one(item) for item in batch]
         else:
-            threads = str(max(1, (os.cpu_count() or 1) // width))
-            saved = {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-            os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-            try:
-                with ThreadPoolExecutor(width) as pool:
-                    futures = [pool.submit(one, item) for item in batch]
-                    errors = []
-                    for f in futures:
-                        try:
-                            report.append(f.result())
-                        except StageFailed as err:
-                            errors.append(err)
-                    if errors:
-                        raise errors[0]
-            finally:
-                for v, old in saved.items():
-                    if old is None:
-                        os.environ.pop(v, None)
-                    else:
-                        os.environ[v] = old
+            with ThreadPoolExecutor(width) as pool:
+                futures = [pool.submit(one, item) for item in batch]
+                errors = []
+                for f in futures:
+                    try:
+                        report.append(f.result())
+                    except StageFailed as err:
+                        errors.append(err)
+                if errors:
+                    raise errors[0]
         i = j
-    total = sum(r["seconds"] for r in report)
-    print(f"[pipeline] finished: {total:.1f} s of stage time", flush=True)
-    (res / "timings.json").write_text(json.dumps(report, indent=1))
     return report

@@ -126,7 +126,7 @@ def bootstrap(
 
     rows = np.empty((n_boot, len(BOOT_STATS)))
     try:
-        from tqdm.auto import tqdm
+        from .progress import tqdm
 
         it = tqdm(range(n_boot), desc=f"bootstrap {score}", leave=False, disable=n_boot * len(y) < 2_000_000)
     except ImportError:  # pragma: no cover

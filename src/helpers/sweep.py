@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import editing, evaluation, metrics, tables
 from .problems import ProblemOptions, Task, get_problem, make_task

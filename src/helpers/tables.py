@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -11,10 +13,29 @@ from typing import Iterator
 import pandas as pd
 
 
+class DiskFull(OSError):
+    """A write ran out of space: names the file, the space it needed (at least) and what was free."""
+
+    def __init__(self, path: Path, needed: int, free: int) -> None:
+        super().__init__(errno.ENOSPC, f"no space left on the device to write {path}: it needs at least "
+                                       f"{_size(needed)}, {_size(free)} free there; free some space and re-run "
+                                       "(finished work is kept, nothing half-written was left)")
+        self.path, self.needed, self.free = path, needed, free
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, expected_bytes: int = 0) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path`` (readers never see a
-    half-written file, and concurrent writers of the same content are safe); on error it is removed."""
+    half-written file, and concurrent writers of the same content are safe); on error it is removed. A write
+    that fails for lack of space raises :class:`DiskFull` (``expected_bytes``, if known, is reported as needed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -22,6 +43,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(err, DiskFull):
+            raise DiskFull(path, max(expected_bytes, written + 1), shutil.disk_usage(path.parent).free) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -210,7 +210,7 @@ def trace_facts(
     ``on_missing``: "skip" drops a fact whose subject is not in its prompt (logged, and listed in
     ``table.attrs["skipped"]``), "raise" re-raises :class:`SubjectNotFoundError`.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     if on_missing not in ("skip", "raise"):
         raise ValueError("on_missing must be 'skip' or 'raise'")

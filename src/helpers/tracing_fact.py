@@ -155,7 +155,7 @@ def reference_trace(
     out = {w: np.full((fact.prompt_len, L), p_corrupt) for w in windows}
     sites = _site_list(fact, windows, L, tokens)
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import tqdm
 
         sites = tqdm(sites, desc=f"reference {kind}", leave=False)
     for t, w, l, l0, l1 in sites:

@@ -195,7 +195,7 @@ def fast_p_restored(
         by_t.setdefault(t, []).append((l0, l1))
     steps = by_t.items()
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import tqdm
 
         steps = tqdm(steps, desc=f"fast {kind}", leave=False)
     result: dict[tuple[int, int, int], float] = {}

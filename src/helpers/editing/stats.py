@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from .. import hooks, models, scoring
 from ..tables import atomic_path
@@ -179,7 +179,7 @@ class SecondMoments:
             p = self.path(l)
             if p is not None:
                 p.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(p) as tmp:
+                with atomic_path(p, expected_bytes=c.numel() * c.element_size()) as tmp:
                     save_file({"mom2": c.contiguous().cpu(), "count": torch.tensor(count)}, str(tmp))
 
     def moment(self, layer: int) -> torch.Tensor:

@@ -155,7 +155,7 @@ def first_token_accuracy(model, tok, records: list[dict]) -> float:
 
 def train_model(world: World, cfg: TrainConfig, tok, log_path: Path | None = None, progress: bool = True):
     """Train a fresh model on ``world.corpus``; return (model, log rows as dicts)."""
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     torch.use_deterministic_algorithms(True, warn_only=True)
     model = make_model(cfg, tok)
