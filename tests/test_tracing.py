@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import tables
 from helpers import tracing as tr
 from helpers.hooks import trace
 from helpers.models import module_name
@@ -455,3 +456,23 @@ def test_last_subject_only_equals_the_full_table_rows():
         pd.testing.assert_frame_equal(last.reset_index(drop=True), want)
     with pytest.raises(ValueError):
         tr.trace_fact(model, tok, "The mother tongue of {} is", "Danielle Darrieux", "French", tokens="first")
+
+
+def test_checkpoint_resumes_an_interrupted_trace_with_the_same_table(tok, model32, tmp_path, monkeypatch):
+    kw = dict(kinds=["mlp"], windows=[3], sigma=0.1, progress=False)
+    whole = tr.trace_facts(model32, tok, FACTS.head(4), **kw)
+    ck = tmp_path / "parts" / "mlp.parquet"
+    # "Interrupted" after two facts: the checkpoint holds them.
+    first = tr.trace_facts(model32, tok, FACTS.head(2), checkpoint=ck, checkpoint_every_s=0, **kw)
+    assert sorted(tables.read_table(ck)["case_id"].unique()) == sorted(FACTS.head(2)["case_id"])
+    calls = []
+    real = tr.trace_fact
+    monkeypatch.setattr(tr, "trace_fact", lambda *a, **k: calls.append(a[8]) or real(*a, **k))
+    resumed = tr.trace_facts(model32, tok, FACTS.head(4), checkpoint=ck, **kw)
+    assert calls == list(FACTS.head(4)["case_id"].iloc[2:])  # only the two facts not yet traced
+    pd.testing.assert_frame_equal(resumed, whole)
+    pd.testing.assert_frame_equal(first, whole[whole["case_id"].isin(FACTS.head(2)["case_id"])])
+    # Other settings: the checkpoint is not used.
+    calls.clear()
+    tr.trace_facts(model32, tok, FACTS.head(2), checkpoint=ck, **{**kw, "windows": [1]})
+    assert calls == list(FACTS.head(2)["case_id"])

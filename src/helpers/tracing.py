@@ -30,12 +30,15 @@ The work is split by job: :mod:`helpers.tracing_subject` (the subject's tokens),
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from torch import nn
 
+from . import tables
 from .models import arch_of, device_of, n_layers
 # Re-exported: the public names of this module before it was split (and _noise_tensor, which tests use).
 from .tracing_effects import concentrated, effects, layer_thirds, peak_layers, zero_denominator_cases
@@ -202,9 +205,15 @@ def trace_facts(
     max_rows: int = 4096,
     progress: bool = True,
     tokens: str = "all",
+    checkpoint: str | Path | None = None,
+    checkpoint_every_s: float = 60.0,
 ) -> pd.DataFrame:
     """Trace every fact of ``facts`` (columns case_id, subject, prompt (template with ``{}`` or full text),
     target_true) and return the long table (:data:`TABLE_COLUMNS`).
+
+    ``checkpoint``: a parquet file the rows traced so far are written to (atomically, every
+    ``checkpoint_every_s`` seconds and at the end), with a fingerprint of the settings, the model and the
+    ``helpers`` source; a re-run with the same fingerprint traces only the facts it does not hold.
 
     σ defaults to :func:`noise_sigma` over all the facts' subjects (stored in the ``sigma`` column).
     ``on_missing``: "skip" drops a fact whose subject is not in its prompt (logged, and listed in
@@ -216,9 +225,13 @@ def trace_facts(
         raise ValueError("on_missing must be 'skip' or 'raise'")
     if sigma is None:
         sigma = noise_sigma(model, tok, facts["subject"].tolist())
-    frames, skipped = [], []
-    rows = facts.itertuples(index=False)
-    for r in tqdm(rows, total=len(facts), desc="tracing", disable=not progress):
+    saved = _Checkpoint(checkpoint, (list(kinds), list(windows), float(sigma), n_samples, seed, method, tokens,
+                                     _model_name(model)), checkpoint_every_s)
+    frames, skipped = saved.frames(), list(saved.skipped)
+    todo = facts[~facts["case_id"].isin(saved.done)]
+    if len(todo) < len(facts):
+        log.info("%s: %d of %d facts already traced", checkpoint, len(facts) - len(todo), len(facts))
+    for r in tqdm(todo.itertuples(index=False), total=len(todo), desc="tracing", disable=not progress):
         try:
             frames.append(
                 trace_fact(model, tok, r.prompt, r.subject, r.target_true, kinds, windows, sigma, r.case_id,
@@ -229,6 +242,54 @@ def trace_facts(
                 raise
             log.warning("skipping: %s", err)
             skipped.append(r.case_id)
+        saved.maybe_write(frames, skipped)
+    saved.maybe_write(frames, skipped, force=True)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TABLE_COLUMNS)
-    table.attrs["skipped"] = skipped
+    order = {c: i for i, c in enumerate(facts["case_id"])}  # resumed or not: the facts' order
+    table = table[table["case_id"].isin(order)]
+    table = table.iloc[np.argsort(table["case_id"].map(order).to_numpy(), kind="stable")].reset_index(drop=True)
+    table.attrs["skipped"] = [c for c in skipped if c in set(facts["case_id"])]
     return table
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "_name_or_path", "") or type(model).__name__)
+
+
+class _Checkpoint:
+    """The rows of :func:`trace_facts` saved so far (see its ``checkpoint`` argument)."""
+
+    def __init__(self, path: str | Path | None, settings: tuple, every_s: float) -> None:
+        from .sweep import _fingerprint
+
+        self.path = Path(path) if path is not None else None
+        self.key = _fingerprint("tracing", *settings) if self.path is not None else ""
+        self.every_s, self.last = every_s, time.monotonic()
+        self.table, self.skipped = pd.DataFrame(columns=TABLE_COLUMNS), []
+        if self.path is not None and self.path.exists():
+            have = tables.read_table(self.path)
+            if tables.table_key(have) == self.key:
+                self.skipped = [int(c) for c in have.attrs.get("skipped_ids", "").split(",") if c]
+                self.table = have[TABLE_COLUMNS]
+            else:
+                log.warning("%s was traced with other settings, another model or other helpers code; "
+                            "tracing again", self.path)
+        self.done = set(self.table["case_id"]) | set(self.skipped)
+        self.n_written = len(self.done)
+
+    def frames(self) -> list[pd.DataFrame]:
+        """The saved rows, as the first of :func:`trace_facts`'s frames (none when nothing was saved)."""
+        return [self.table] if len(self.table) else []
+
+    def maybe_write(self, frames: list[pd.DataFrame], skipped: list, force: bool = False) -> None:
+        """Write every row so far when ``every_s`` passed since the last write (or ``force``, if anything is new)."""
+        if self.path is None or (not force and time.monotonic() - self.last < self.every_s):
+            return
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TABLE_COLUMNS)
+        n_done = len(set(table["case_id"]) | set(skipped))
+        if n_done != self.n_written or not self.path.exists():
+            table.attrs["skipped_ids"] = ",".join(str(int(c)) for c in skipped)
+            tables.write_table(table, self.path, key=self.key)
+            self.n_written = n_done
+        self.last = time.monotonic()
