@@ -285,3 +285,22 @@ def test_list_models_text_shows_what_is_converted(tmp_path):
     folder.mkdir(parents=True)
     (folder / ck.MARKER).write_text(json.dumps({"gguf_sha256": m.gguf_sha256}))
     assert str(folder) in ck.list_models_text(tmp_path)
+
+
+def test_damaged_conversion_is_reported_and_converted_again(tiny, tmp_path, caplog):
+    import logging
+
+    from helpers import integrity
+
+    path = tiny["llama"][0]
+    folder = Path(ck.resolve_model_source(str(path), tmp_path))
+    assert integrity.folder_problem(folder) is None and (folder / integrity.FOLDER_MANIFEST).exists()
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        again = ck.resolve_model_source(str(path), tmp_path)
+    assert Path(again) == folder and str(folder) in caplog.text and "model.safetensors: sha256 differs" in caplog.text
+    assert integrity.folder_problem(folder) is None
+    load_model(folder)

@@ -52,10 +52,10 @@ def _locked(lock_path: Path) -> Iterator[None]:
 def ensure_named_model(named: NamedModel, cache_dir: Path) -> Path:
     """The converted folder of a named model, fetching and converting it on first use."""
     folder = model_folder(cache_dir, named.gguf_sha256, named.gguf_file)
-    if is_converted(folder, named.gguf_sha256):
+    if is_converted(folder, named.gguf_sha256, check_files=True):
         return folder
     with _locked(Path(cache_dir) / "models" / f".{folder.name}.lock"):
-        if is_converted(folder, named.gguf_sha256):  # converted by another process meanwhile
+        if is_converted(folder, named.gguf_sha256, check_files=True):  # converted by another process meanwhile
             return folder
         gguf_path = fetch_gguf(named, cache_dir)
         return convert_gguf(gguf_path, folder, named.gguf_sha256, source=named.source, licence=named.licence,
@@ -68,7 +68,7 @@ def ensure_gguf_file(gguf_path: Path, cache_dir: Path) -> Path:
         raise FileNotFoundError(f"no such GGUF file: {gguf_path}")
     sha = sha256_file(gguf_path)
     folder = model_folder(cache_dir, sha, gguf_path.name)
-    if is_converted(folder, sha):
+    if is_converted(folder, sha, check_files=True):
         return folder
     named = next((m for m in NAMED_MODELS.values() if m.gguf_sha256 == sha), None)  # a named model's file
     info = dict(source=named.source, licence=named.licence, quantization=named.quantization) if named else {}

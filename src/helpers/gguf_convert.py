@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+from . import integrity
 from .checksums import sha256_file
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,18 @@ def read_marker(folder: Path) -> dict | None:
         return None
 
 
-def is_converted(folder: Path, gguf_sha256: str) -> bool:
-    """Whether ``folder`` holds a finished conversion of the GGUF file with this sha256."""
+def is_converted(folder: Path, gguf_sha256: str, check_files: bool = False) -> bool:
+    """Whether ``folder`` holds a finished conversion of the GGUF file with this sha256 (with ``check_files``,
+    also every file matching the size and sha256 recorded at conversion; a folder that does not is logged)."""
     marker = read_marker(folder)
-    return marker is not None and marker.get("gguf_sha256") == gguf_sha256
+    if marker is None or marker.get("gguf_sha256") != gguf_sha256:
+        return False
+    if check_files:
+        bad = integrity.folder_problem(folder)
+        if bad is not None:
+            log.warning("converted model %s is damaged (%s): converting again", folder, bad)
+            return False
+    return True
 
 
 def _tensor_types(gguf_path: Path) -> list[str]:
@@ -103,7 +112,7 @@ def convert_gguf(gguf_path: str | Path, dest_folder: str | Path, gguf_sha256: st
 
     gguf_path, dest = Path(gguf_path).resolve(), Path(dest_folder)
     sha = gguf_sha256 or sha256_file(gguf_path)
-    if is_converted(dest, sha):
+    if is_converted(dest, sha, check_files=True):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
@@ -115,6 +124,7 @@ def convert_gguf(gguf_path: str | Path, dest_folder: str | Path, gguf_sha256: st
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         _check_saved(model, tmp)
+        integrity.write_manifest(tmp)  # before the marker: the marker means "complete and recorded"
         types = _tensor_types(gguf_path)
         marker = dict(
             gguf_file=gguf_path.name, gguf_sha256=sha, gguf_size=gguf_path.stat().st_size, gguf_tensor_types=types,

@@ -223,6 +223,51 @@ def _run(
     return report
 
 
+def _read_stamp(stamp: Path) -> dict:
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _record(p: Path) -> list:
+    from .checksums import sha256_file
+
+    return [sha256_file(p), p.stat().st_size]
+
+
+def _outputs(res: Path, executed: Path, since: float) -> dict[str, list]:
+    """Size and sha256 of the executed notebook and of every file of the results folder written since
+    ``since`` (the stage's tables, figures, caches; logs, stamps and records aside), keyed by path."""
+    out = {str(executed): _record(executed)}
+    for p in sorted(res.rglob("*")):
+        rel = p.relative_to(res)
+        if (p.is_file() and rel.parts[0] not in ("logs", ".stages") and not p.name.startswith(".")
+                and p.stat().st_mtime >= since - 1):
+            out[str(p)] = _record(p)
+    return out
+
+
+def _damaged_output(stamp: dict, res: Path, executed: Path) -> str | None:
+    """Why a finished stage's outputs cannot be trusted (None when they can): one is missing, or differs both
+    from what the stage wrote and from its own size/sha256 record (a later stage may rewrite a shared table,
+    always with a new record)."""
+    from . import integrity
+
+    for path, (sha, size) in stamp.get("outputs", {}).items():
+        p = Path(path)
+        if not p.is_file():
+            return f"its output {p} is missing"
+        if _record(p) == [sha, size]:
+            continue
+        if p == executed or not integrity.sidecar(p).exists():
+            return f"its output {p} was changed or damaged"
+        bad = integrity.problem(p)
+        if bad is not None:
+            return f"its output {p} is damaged ({bad})"
+    return None
+
+
 def _minutes(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m} min {s:02d} s" if m else f"{s} s"
@@ -262,11 +307,13 @@ def _execute_all(todo, keys, res, out_dir, root, force, only, jobs, status: Stat
             stamp, dest = res / ".stages" / f"{st.name}.json", out_dir / f"{st.name}.ipynb"
             if only is not None and not any(st.name.startswith(o) for o in only):
                 continue
-            if (not force and stamp.exists() and json.loads(stamp.read_text()).get("key") == key
-                    and executed_key(dest) == key):
-                status.print(f"[pipeline] ({k + 1}/{n}) {st.name}: unchanged, skipped")
-                report.append({"stage": st.name, "status": "skipped", "seconds": 0.0})
-                continue
+            if not force and _read_stamp(stamp).get("key") == key and executed_key(dest) == key:
+                damaged = _damaged_output(_read_stamp(stamp), res, dest)
+                if damaged is None:
+                    status.print(f"[pipeline] ({k + 1}/{n}) {st.name}: unchanged, skipped")
+                    report.append({"stage": st.name, "status": "skipped", "seconds": 0.0})
+                    continue
+                status.print(f"[pipeline] ({k + 1}/{n}) {st.name}: {damaged}; running it again")
             batch.append((k, st, params, key, stamp, dest))
         width = max(1, min(jobs, len(batch)))
         threads = str(max(1, (os.cpu_count() or 1) // width))
@@ -283,7 +330,7 @@ def _execute_all(todo, keys, res, out_dir, root, force, only, jobs, status: Stat
                 env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
             status.print(f"[pipeline] {label}: running {st.notebook.name} ...")
             status.start(label, prog)
-            t0 = time.perf_counter()
+            t0, started = time.perf_counter(), time.time()
             try:
                 _execute(st, params, dest, root, key, log_path=log_path, env=env)
             finally:
@@ -291,7 +338,7 @@ def _execute_all(todo, keys, res, out_dir, root, force, only, jobs, status: Stat
                 prog.unlink(missing_ok=True)
             dt = time.perf_counter() - t0
             with atomic_path(stamp) as tmp:
-                tmp.write_text(json.dumps({"key": key, "seconds": dt}))
+                tmp.write_text(json.dumps({"key": key, "seconds": dt, "outputs": _outputs(res, dest, started)}))
             status.print(f"[pipeline] {label}: done in {_minutes(dt)}")
             return {"stage": st.name, "status": "ran", "seconds": dt}
 

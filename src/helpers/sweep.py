@@ -34,7 +34,7 @@ import pandas as pd
 from torch import nn
 from .progress import tqdm
 
-from . import editing, evaluation, metrics, tables
+from . import editing, evaluation, integrity, metrics, tables
 from .problems import ProblemOptions, Task, get_problem, make_task
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,14 @@ def _model_id(model: nn.Module) -> str:
 
 def _read_if_same(path: Path, key: str, empty: pd.DataFrame) -> pd.DataFrame:
     """The table at ``path`` if it was written with ``key``, else ``empty`` (logging why)."""
-    if not path.exists():
+    if not integrity.discard_if_bad(path, "results table"):
         return empty
-    have = tables.read_table(path)
+    try:
+        have = tables.read_table(path)
+    except integrity.CorruptFile as err:
+        log.warning("%s; recomputing it", err)
+        integrity.remove(path)
+        return empty
     if tables.table_key(have) != key:
         log.warning("%s was written with other settings, another model or other helpers code; recomputing it",
                     path)
@@ -292,8 +297,13 @@ def noise_sigma_for(results: Path, model: nn.Module, tok, subjects: Sequence[str
 
     path = Path(results) / "noise.json"
     key = _fingerprint("sigma", sorted(set(subjects)), _model_id(model))
-    if path.exists():
-        saved = json.loads(path.read_text())
+    saved = {}
+    if integrity.discard_if_bad(path, "noise scale"):
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = {}
+    if saved:
         if saved.get("key") == key:
             return float(saved["sigma"])
         log.warning("%s was computed for another model, other subjects or other helpers code; recomputing", path)

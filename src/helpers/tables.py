@@ -12,6 +12,8 @@ from typing import Iterator
 
 import pandas as pd
 
+from . import integrity
+
 
 class DiskFull(OSError):
     """A write ran out of space: names the file, the space it needed (at least) and what was free."""
@@ -42,6 +44,7 @@ def atomic_path(path: str | Path, expected_bytes: int = 0) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        integrity.record(path, of=Path(tmp))  # the record first: a file is never newer than its record
         os.replace(tmp, path)
     except OSError as err:
         written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
@@ -74,8 +77,14 @@ def table_key(df: pd.DataFrame) -> str | None:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a parquet table written by :func:`write_table`, with an error naming the missing stage output."""
+    """Read a parquet table written by :func:`write_table`, checked against its size/sha256 record first:
+    a missing table is a :class:`FileNotFoundError` naming the stage output, a damaged one a
+    :class:`~helpers.integrity.CorruptFile` naming the path and the problem."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the stage that writes it first")
-    return pd.read_parquet(path)
+    integrity.check(path)
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as err:  # a file from before records existed, damaged
+        raise integrity.CorruptFile(path, f"not a readable parquet table ({err})") from err

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from . import tables
+from . import integrity, tables
 from .models import arch_of, device_of, n_layers
 # Re-exported: the public names of this module before it was split (and _noise_tensor, which tests use).
 from .tracing_effects import concentrated, effects, layer_thirds, peak_layers, zero_denominator_cases
@@ -267,8 +267,14 @@ class _Checkpoint:
         self.key = _fingerprint("tracing", *settings) if self.path is not None else ""
         self.every_s, self.last = every_s, time.monotonic()
         self.table, self.skipped = pd.DataFrame(columns=TABLE_COLUMNS), []
-        if self.path is not None and self.path.exists():
-            have = tables.read_table(self.path)
+        have = None
+        if self.path is not None and integrity.discard_if_bad(self.path, "tracing checkpoint"):
+            try:
+                have = tables.read_table(self.path)
+            except integrity.CorruptFile as err:
+                log.warning("%s; tracing again", err)
+                integrity.remove(self.path)
+        if have is not None:
             if tables.table_key(have) == self.key:
                 self.skipped = [int(c) for c in have.attrs.get("skipped_ids", "").split(",") if c]
                 self.table = have[TABLE_COLUMNS]

@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from .. import integrity
 from ..progress import tqdm
 
 from .. import hooks, models, scoring
@@ -157,9 +158,14 @@ class SecondMoments:
 
     def _load(self, layer: int) -> bool:
         p = self.path(layer)
-        if p is None or not p.exists():
+        if p is None or not integrity.discard_if_bad(p, "second-moment statistics"):
             return False
-        t = load_file(str(p))
+        try:
+            t = load_file(str(p))
+        except Exception as err:  # a damaged file from before size/sha256 records existed
+            log.warning("second-moment statistics %s are not readable (%s): recomputing", p, err)
+            integrity.remove(p)
+            return False
         self._mom[layer] = t["mom2"].to(models.device_of(self.model))
         self.counts[layer] = int(t["count"])
         return True

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import scoring
+from .. import integrity, scoring
 from ..tables import atomic_path
 from .base import model_fingerprint
 
@@ -72,10 +72,16 @@ def context_templates(
     if key in _MEMORY:
         return _MEMORY[key]
     path = Path(cache_dir) / "templates" / f"{key}.json" if cache_dir is not None else None
-    if path is not None and path.exists():
-        raw = json.loads(path.read_text())
-        ct = ContextTemplates(rome=raw["rome"], memit=raw["memit"])
-    else:
+    raw = None
+    if path is not None and integrity.discard_if_bad(path, "context templates"):
+        try:
+            raw = json.loads(path.read_text())
+            ct = ContextTemplates(rome=raw["rome"], memit=raw["memit"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("context templates %s are not readable (%s): sampling them again", path, err)
+            integrity.remove(path)
+            raw = None
+    if raw is None:
         ct = sample_context_templates(model, tok, seed=seed)
         log.info("sampled %d ROME and %d MEMIT context templates", len(ct.rome), sum(map(len, ct.memit)))
         if path is not None:

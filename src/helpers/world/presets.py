@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import integrity
 from .generate import GENERATOR_VERSION, World, WorldConfig, build_world, config_hash, record_frequency
 from .tokenizer import train_tokenizer
 from .train import TrainConfig, train_model
@@ -72,8 +73,12 @@ def ensure_world_model(preset: str, cache_dir: Path | str, world_cfg: WorldConfi
     wc, tc = preset_configs(preset) if world_cfg is None or train_cfg is None else (world_cfg, train_cfg)
     folder = world_folder(preset, cache_dir, wc, tc)
     if (folder / "world.json").exists():
-        log.info("world model cached at %s", folder)
-        return folder
+        bad = integrity.folder_problem(folder)
+        if bad is None:
+            log.info("world model cached at %s", folder)
+            return folder
+        log.warning("cached world model %s is damaged (%s): deleting it and training again", folder, bad)
+        shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
@@ -100,6 +105,7 @@ def ensure_world_model(preset: str, cache_dir: Path | str, world_cfg: WorldConfi
         }
         with open(tmp / "world.json", "w") as fh:
             json.dump(meta, fh, indent=1)
+        integrity.write_manifest(tmp)
         if folder.exists():  # a concurrent run finished first
             shutil.rmtree(tmp)
         else:
