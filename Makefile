@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed-stamp
 # pip on these machines prints one harmless line per package about missing local index folders; hide those.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: book test env bench clean clean-results help
+.PHONY: book test env bench faults clean clean-results help
 
 help:
 	@echo "make book  [PROFILE=default]  create .venv, run the notebooks (papermill), build book/_build/html"
 	@echo "make test                     create/update .venv and run the whole test suite"
 	@echo "make bench                    print the benchmarks (tracing / editing speed, stage times)"
+	@echo "make faults                   kill the smoke book with SIGKILL in every stage, re-run, compare (~15 min)"
 
 env: $(STAMP)
 
@@ -49,6 +50,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/edit_quality.py --model smollm2-135m --data known --corpus wikitext --n-tokens 100000 --facts 50 --layers 3,6,12,21 --threads 2 || true
 	@echo "==> per-stage times of the last run of each profile"
 	@for f in results/*/timings.json; do echo "$$f"; $(PY) -c "import json,sys; [print(f'  {r[\"stage\"]:40s} {r[\"status\"]:8s} {r[\"seconds\"]:8.1f} s') for r in json.load(open(sys.argv[1]))]" $$f; done
+
+faults: $(STAMP)
+	$(PY) benchmarks/faults.py --profile smoke
 
 clean-results:
 	rm -rf results book/executed book/_build

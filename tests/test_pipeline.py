@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,36 @@ def test_smoke_world_stages_run(tmp_path, monkeypatch):
     assert len(facts) == pipeline.load_profile("smoke").n_records
     assert facts["kept"].sum() == pipeline.load_profile("smoke").max_facts  # the model knows enough facts
     assert facts["is_correct"].mean() > 0.3
+
+
+@pytest.mark.slow
+def test_killed_runs_recover_to_the_same_tables_and_book(standin_book, tmp_path):
+    """The reduced fault-injection suite (benchmarks/faults.py): SIGKILL the whole run during tracing, an
+    editing cell (its second-moment pass), an analysis and the book build, re-run each time; the tables and
+    the book equal the uninterrupted run's, and nothing damaged or temporary is left."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import faults
+
+    ref_root, _, _ = standin_book
+    ref = faults.Folders(ref_root)
+    got = faults.Folders(tmp_path / "faulted").make()
+    points = [faults.KillPoint("tracing", r"02_tracing: running", 1.0),
+              faults.KillPoint("editing cell", r"03_editing__rome__ei: running", 2.5),
+              faults.KillPoint("analysis", r"05_five_problems: running", 2.0),
+              faults.KillPoint("book build", r"\[book\] jupyter-book build", 2.0)]
+    profile = str(ref_root / "standin.yaml")
+    kills = 0
+    for point in points:
+        out, killed = faults.run_book(got, profile, kill=point)
+        assert killed or "open " in out, out[-2000:] + _build_log(got)
+        kills += killed
+    out, killed = faults.run_book(got, profile)
+    assert "open " in out and not killed, out[-2000:] + _build_log(got)
+    assert kills >= 3
+    diffs = faults.compare(ref, got)
+    assert diffs == [], "\n".join(diffs)
+
+
+def _build_log(folders) -> str:
+    log = folders.book / "_build" / "jupyter-book.log"
+    return "\n".join(l for l in log.read_text().splitlines() if "WARNING" in l or "ERROR" in l) if log.exists() else ""

@@ -4,6 +4,7 @@ contents, and the Jupyter Book build."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -88,6 +89,11 @@ def build_book(book_dir: Path | None = None, out_dir: Path | None = None) -> Pat
     if out_dir is not None:
         cmd += ["--path-output", str(out_dir)]
     html = (out_dir or book_dir) / "_build" / "html"
+    done = html.parent / ".build-complete"
+    if html.parent.exists() and not done.exists():  # an interrupted build: its caches cannot be trusted
+        print(f"[book] {html.parent} is from an interrupted build: removing it", flush=True)
+        shutil.rmtree(html.parent)
+    done.unlink(missing_ok=True)
     log_path = html.parent / "jupyter-book.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"[book] jupyter-book build (output in {log_path}) ...", flush=True)
@@ -99,6 +105,7 @@ def build_book(book_dir: Path | None = None, out_dir: Path | None = None) -> Pat
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-25:])
         raise BookBuildFailed(f"jupyter-book build failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
+    done.write_text("")
     n_pages = sum(1 for _ in html.rglob("*.html") if not _.name.startswith(("genindex", "search")))
     print(f"[book] built {n_pages} pages in {time.perf_counter() - t0:.0f} s: open {html / 'index.html'}", flush=True)
     return html

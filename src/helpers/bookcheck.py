@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 #: Text that must not appear on a rendered page: unresolved glue, Python errors, Sphinx's missing-reference "??".
-BAD_TEXT = ("Traceback (most recent call last)", "NameError", "glue:text", "{glue", "Error: ", "??")
+BAD_TEXT = ("Traceback (most recent call last)", "NameError", "glue:text", "{glue", "Error: ", "??",
+            "WARNING:", "Warning: ")  # log lines and Python warnings belong in the stage log, not on a page
 
 
 def find_browser() -> str | None:

@@ -24,7 +24,7 @@ from typing import Any
 
 # Re-exported: the public names of this module before it was split.
 from .book_build import _prepare_for_book, build_book, executed_key, write_toc
-from .progress import ENV, StatusLine
+from .progress import ENV, LOG_ENV, StatusLine
 from .tables import atomic_path
 from .profile_loader import (
     DEFAULTS,
@@ -325,7 +325,7 @@ def _execute_all(todo, keys, res, out_dir, root, force, only, jobs, status: Stat
             log_path, prog = res / "logs" / f"{st.name}.log", res / "logs" / f"{st.name}.progress.json"
             log_path.unlink(missing_ok=True)
             prog.unlink(missing_ok=True)
-            env = {ENV: str(prog)}
+            env = {ENV: str(prog), LOG_ENV: str(log_path)}
             if width > 1:  # each of the concurrent kernels gets its share of the cores
                 env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
             status.print(f"[pipeline] {label}: running {st.notebook.name} ...")

@@ -186,3 +186,30 @@ class StatusLine:
                 elif time.monotonic() - self._last_plain >= self.every_s:
                     self._last_plain = time.monotonic()
                     print(f"[pipeline]   ... {text}", file=self.stream, flush=True)
+
+
+#: Environment variable naming the file a stage kernel's log records and Python warnings go to.
+LOG_ENV = "HELPERS_LOG_FILE"
+
+
+def log_to_stage_file(level: int = 20) -> None:
+    """In a stage notebook: send log records (``level`` and up, INFO by default) and Python warnings to the
+    stage's log file (``$HELPERS_LOG_FILE``, set by the stage runner) instead of the page; outside a run (a
+    reader's own kernel), show warnings and up on the page as usual."""
+    import logging
+
+    root = logging.getLogger()
+    path = os.environ.get(LOG_ENV)
+    if not path:
+        logging.basicConfig(level=logging.WARNING)
+        return
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)
+    import warnings
+
+    warnings.simplefilter("default")  # each distinct warning once, into the log
