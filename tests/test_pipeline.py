@@ -249,3 +249,31 @@ def test_killed_runs_recover_to_the_same_tables_and_book(standin_book, tmp_path)
 def _build_log(folders) -> str:
     log = folders.book / "_build" / "jupyter-book.log"
     return "\n".join(l for l in log.read_text().splitlines() if "WARNING" in l or "ERROR" in l) if log.exists() else ""
+
+
+@pytest.mark.slow
+def test_tables_are_identical_across_runs_and_job_counts(standin_book, tmp_path):
+    """Determinism: the editing cells re-run with --jobs 1 (2 threads each, one after another) give the same
+    tables as the reference run's --jobs 2 (1 thread each, side by side): byte-identical files for tables
+    without wall-clock columns, identical values in every other column for the edit tables (their ``seconds``
+    column is a wall-clock time). Tracing and data tables were checked the same way by the fault test."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import faults
+    import pandas as pd
+
+    ref_root, _, _ = standin_book
+    res = tmp_path / "results" / "standin"
+    shutil.copytree(ref_root / "results" / "standin", res)
+    for p in list((res / "edits").glob("*.parquet")) + list((res / "pre").glob("*.parquet")):
+        p.unlink()
+    book = _copy_book(tmp_path)
+    report = pipeline.run(ref_root / "standin.yaml", book_dir=book, root=ROOT, results_root=tmp_path / "results",
+                          only=["03_"], jobs=1)
+    assert [r["status"] for r in report] == ["ran"] * 4
+    for sub in ("edits", "pre"):
+        for p in sorted((ref_root / "results" / "standin" / sub).glob("*.parquet")):
+            a, b = pd.read_parquet(p), pd.read_parquet(res / sub / p.name)
+            volatile = faults.timing_columns(a)
+            if not volatile:
+                assert p.read_bytes() == (res / sub / p.name).read_bytes(), p.name
+            pd.testing.assert_frame_equal(a.drop(columns=volatile), b.drop(columns=volatile), check_exact=True)
