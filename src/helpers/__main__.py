@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import pipeline
 from .book_build import BookBuildFailed, headline
+from .profile_checks import ProfileSizeError
 from .runlock import RunLocked
 
 
@@ -20,7 +21,7 @@ def _book(args: argparse.Namespace) -> int:
     try:
         report = pipeline.run(args.profile, book_dir=args.book_dir, jobs=args.jobs, wait=args.wait)
         html = pipeline.build_book(args.book_dir)
-    except (pipeline.StageFailed, RunLocked, BookBuildFailed) as err:
+    except (pipeline.StageFailed, RunLocked, BookBuildFailed, ProfileSizeError) as err:
         print(f"[pipeline] ERROR: {err}", file=sys.stderr)
         return 1
     ran = sum(r["status"] == "ran" for r in report)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             pipeline.run(args.profile, book_dir=args.book_dir, force=args.force, only=args.only, jobs=args.jobs,
                          wait=args.wait)
-        except (pipeline.StageFailed, RunLocked) as err:
+        except (pipeline.StageFailed, RunLocked, ProfileSizeError) as err:
             print(f"[pipeline] ERROR: {err}", file=sys.stderr)
             return 1
     elif args.cmd == "book":

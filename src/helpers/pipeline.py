@@ -201,6 +201,10 @@ def _run(
     if stale:
         print(f"[pipeline] removed {len(stale)} executed notebooks that are not stages of {profile.name}", flush=True)
     print(f"[pipeline] profile {profile.name}: {n} stages -> {out_dir} ({jobs} at a time where independent)", flush=True)
+    from .profile_checks import preflight
+
+    for note in preflight(profile):  # sizes the data cannot fully provide; impossible ones raise here
+        print(f"[pipeline] note: {note}", flush=True)
 
     # Keys: each stage depends on every earlier stage of a *different* notebook.
     keys, upstream, group_up, last_nb = [], "", "", None
