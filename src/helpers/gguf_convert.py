@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import integrity
 from .checksums import sha256_file
+from .progress import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,15 @@ def convert_gguf(gguf_path: str | Path, dest_folder: str | Path, gguf_sha256: st
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
     log.info("converting %s to float32 safetensors (a 100 MB file takes about half a minute)", gguf_path)
+    bar = tqdm(total=3, desc=f"convert {gguf_path.name} (de-quantize, save, check)", unit="step")
     try:
         model, tok = _load_gguf(gguf_path)
+        bar.update()
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        bar.update()
         _check_saved(model, tmp)
+        bar.update()
         integrity.write_manifest(tmp)  # before the marker: the marker means "complete and recorded"
         types = _tensor_types(gguf_path)
         marker = dict(
@@ -143,6 +148,7 @@ def convert_gguf(gguf_path: str | Path, dest_folder: str | Path, gguf_sha256: st
             if not is_converted(dest, sha):  # not a concurrent conversion that finished first
                 raise
     finally:
+        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s in %.0f s -> %s", gguf_path.name, time.perf_counter() - t0, dest)
     return dest

