@@ -96,6 +96,8 @@ class Study:
             return "gpt2-xl"
         if "smollm2" in name:
             return "smollm2-135m"
+        if "gemma-3-270m" in name or "gemma3-270m" in name:
+            return "gemma3-270m"
         return "world"
 
     def hparams(self, method: str, problem: str) -> dict:
