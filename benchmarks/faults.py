@@ -91,8 +91,20 @@ def run_book(f: Folders, profile: str, kill: KillPoint | None = None, log=None) 
     lines, killed, timer = [], threading.Event(), None
 
     def fire():
+        if proc.poll() is not None:  # finished before the moment came
+            return
+        # the runner's process group and every descendant: jupyter_client starts each kernel in its own session
+        victims = descendants(proc.pid)
         killed.set()
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     for line in proc.stdout:
         lines.append(line)
@@ -105,6 +117,23 @@ def run_book(f: Folders, profile: str, kill: KillPoint | None = None, log=None) 
     if timer is not None:
         timer.cancel()
     return "".join(lines), killed.is_set()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: children of children, ...)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def tables_of(results: Path) -> dict[str, pd.DataFrame]:
@@ -202,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         if killed:
             kills += 1
             print(f"  killed during {point.name} ({time.perf_counter() - t1:.0f} s into the run)")
-            time.sleep(2.0)  # the kernels notice their parent is gone and exit (ipykernel's parent poller)
+            time.sleep(0.5)  # let the killed processes be reaped
         elif "open " in out:
             print(f"  {point.name}: the run finished before the kill")
         else:

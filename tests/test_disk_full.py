@@ -35,7 +35,7 @@ def test_table_write_that_runs_out_of_space_names_the_path_and_keeps_the_old_fil
         tables.write_table(_frame(50), dest, key="new")
     assert err.value.errno == errno.ENOSPC and err.value.path == dest and err.value.needed == 4097
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.parquet"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".rows.parquet.sha256", "rows.parquet"]  # no temporary file
     back = tables.read_table(dest)
     assert tables.table_key(back) == "old" and len(back) == 5
 
@@ -50,20 +50,29 @@ def test_other_os_errors_pass_through_unchanged(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_second_moment_cache_reports_the_exact_size_it_needs(tmp_path, monkeypatch):
-    import torch
+def test_second_moment_cache_reports_the_exact_size_it_needs(tmp_path, monkeypatch, model_dirs):
+    from pathlib import Path
 
-    from helpers.editing import stats
+    from helpers.editing.stats import SecondMoments
+    from helpers.models import dims, load_model
 
-    def save_file(tensors, path):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    model, tok = load_model(str(model_dirs["gpt2"]))
+    d_ff = dims(model)[1]
+    real = Path.write_bytes
 
-    monkeypatch.setattr(stats, "save_file", save_file)
-    c = torch.eye(64)
-    with pytest.raises(tables.DiskFull, match=r"needs at least 16\.0 KB"):
-        with tables.atomic_path(tmp_path / "L3.safetensors", expected_bytes=c.numel() * c.element_size()) as tmp:
-            stats.save_file({"mom2": c}, str(tmp))
-    assert list(tmp_path.iterdir()) == []
+    def full(self, data):
+        if self.name.endswith(".tmp") and "stats" in self.parts:
+            real(self, data[:100])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    sm = SecondMoments(model, tok, ["the cat sat on the mat"] * 10, n_tokens=100, cache_dir=tmp_path, progress=False)
+    with pytest.raises(tables.DiskFull, match=rf"layer1_n100\.safetensors: it needs at least "
+                                              rf"{tables._size(d_ff * d_ff * 4)}") as err:
+        sm.precompute([1])
+    assert err.value.needed == d_ff * d_ff * 4
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing half-written, no record
 
 
 @pytest.fixture
@@ -84,7 +93,7 @@ def test_a_real_full_filesystem(small_fs):
     with pytest.raises(tables.DiskFull, match=r"small_big\.parquet: it needs at least .* free there") as err:
         tables.write_table(_frame(60_000), small_fs / "small_big.parquet")
     assert err.value.free < 256 * 1024
-    assert sorted(p.name for p in small_fs.iterdir()) == ["small.parquet"]
+    assert sorted(p.name for p in small_fs.iterdir()) == [".small.parquet.sha256", "small.parquet"]
     assert len(tables.read_table(small_fs / "small.parquet")) == 10
 
 

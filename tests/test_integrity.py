@@ -178,7 +178,8 @@ def test_pipeline_reruns_a_stage_whose_output_was_damaged(tmp_path, model_dirs, 
     root = tmp_path / "proj"
     _notebook(root, "import pandas as pd\nfrom helpers import tables\n"
                     "tables.write_table(pd.DataFrame({'a': range(100)}), results_dir + '/rows.parquet')\n"
-                    "open(results_dir + '/figure.svg', 'w').write('<svg/>' * 50)\n")
+                    "with tables.atomic_path(results_dir + '/figure.svg') as tmp:\n"
+                    "    tmp.write_text('<svg/>' * 50)\n")
     profile = _standin_profile(tmp_path, model_dirs["gpt2"])
     kw = dict(book_dir=tmp_path / "book", root=root, results_root=tmp_path / "results")
     res = tmp_path / "results" / "standin"

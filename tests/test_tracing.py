@@ -476,3 +476,18 @@ def test_checkpoint_resumes_an_interrupted_trace_with_the_same_table(tok, model3
     calls.clear()
     tr.trace_facts(model32, tok, FACTS.head(2), checkpoint=ck, **{**kw, "windows": [1]})
     assert calls == list(FACTS.head(2)["case_id"])
+
+
+def test_checkpoint_rows_of_a_changed_fact_are_traced_again(tok, model32, tmp_path, monkeypatch):
+    kw = dict(kinds=["mlp"], windows=[1], sigma=0.1, progress=False)
+    ck = tmp_path / "ck.parquet"
+    facts = FACTS.head(2).copy()
+    tr.trace_facts(model32, tok, facts, checkpoint=ck, **kw)
+    changed = facts.copy()
+    changed.loc[changed.index[1], "target_true"] = changed["target_true"].iloc[0]  # same case_id, other target
+    calls = []
+    real = tr.trace_fact
+    monkeypatch.setattr(tr, "trace_fact", lambda *a, **k: calls.append(a[8]) or real(*a, **k))
+    again = tr.trace_facts(model32, tok, changed, checkpoint=ck, **kw)
+    assert calls == [changed["case_id"].iloc[1]]
+    pd.testing.assert_frame_equal(again, tr.trace_facts(model32, tok, changed, **kw))

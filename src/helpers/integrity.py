@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 from .checksums import sha256_file
@@ -39,9 +41,13 @@ def record(path: Path, of: Path | None = None) -> None:
     """Write the record of ``of`` (default ``path``: a file about to be renamed to ``path``) atomically."""
     path, of = Path(path), Path(of or path)
     side = sidecar(path)
-    tmp = side.with_name(f"{side.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{sha256_file(of)} {of.stat().st_size}\n")
-    os.replace(tmp, side)
+    tmp = side.with_name(f"{side.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(f"{sha256_file(of)} {of.stat().st_size}\n")
+        os.replace(tmp, side)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def problem(path: Path, require_record: bool = False) -> str | None:
@@ -78,6 +84,11 @@ def discard_if_bad(path: Path, what: str = "cached file") -> bool:
     if not path.exists():
         return False
     p = problem(path)
+    for _ in range(3):  # another process may be between writing a record and renaming its file into place
+        if p is None:
+            return True
+        time.sleep(0.2)
+        p = problem(path)
     if p is None:
         return True
     log.warning("%s %s is not usable (%s): deleting it and rebuilding", what, path, p)

@@ -25,7 +25,7 @@ from typing import Any
 # Re-exported: the public names of this module before it was split.
 from .book_build import _prepare_for_book, build_book, executed_key, write_toc
 from .progress import ENV, LOG_ENV, StatusLine
-from .tables import atomic_path
+from .tables import OUTPUTS_ENV, atomic_path
 from .profile_loader import (
     DEFAULTS,
     PACKAGE_DIR,
@@ -108,7 +108,8 @@ class StageFailed(RuntimeError):
 
 def _kernel_manager(log_path: Path, env: dict[str, str]) -> type:
     """A kernel manager whose kernel gets ``env`` on top of this process's environment and writes its own
-    stdout/stderr (ipykernel's start-up warnings, C-level messages) to ``log_path``, not to the terminal."""
+    stdout/stderr to ``log_path``, not to the terminal: ipykernel's start-up lines (the TCP warning) and anything
+    printed before it redirects the descriptors into the notebook."""
     from jupyter_client import AsyncKernelManager
 
     class StageKernelManager(AsyncKernelManager):
@@ -240,15 +241,20 @@ def _record(p: Path) -> list:
     return [sha256_file(p), p.stat().st_size]
 
 
-def _outputs(res: Path, executed: Path, since: float) -> dict[str, list]:
-    """Size and sha256 of the executed notebook and of every file of the results folder written since
-    ``since`` (the stage's tables, figures, caches; logs, stamps and records aside), keyed by path."""
+def _outputs(executed: Path, listing: Path) -> dict[str, list]:
+    """Size and sha256 of the executed notebook and of every file the stage wrote through
+    :func:`helpers.tables.atomic_path` (its tables, figures, CSVs and caches, listed in ``listing``), by path."""
     out = {str(executed): _record(executed)}
-    for p in sorted(res.rglob("*")):
-        rel = p.relative_to(res)
-        if (p.is_file() and rel.parts[0] not in ("logs", ".stages") and not p.name.startswith(".")
-                and p.stat().st_mtime >= since - 1):
-            out[str(p)] = _record(p)
+    try:
+        written = dict.fromkeys(listing.read_text().split("\n"))
+    except FileNotFoundError:
+        written = {}
+    for name in written:
+        try:
+            if name:
+                out[name] = _record(Path(name))
+        except FileNotFoundError:  # written, then removed by the stage itself (a checkpoint it replaced)
+            pass
     return out
 
 
@@ -327,14 +333,15 @@ def _execute_all(todo, keys, res, out_dir, root, force, only, jobs, status: Stat
             stamp.unlink(missing_ok=True)
             label = f"({k + 1}/{n}) {st.name}"
             log_path, prog = res / "logs" / f"{st.name}.log", res / "logs" / f"{st.name}.progress.json"
-            log_path.unlink(missing_ok=True)
-            prog.unlink(missing_ok=True)
-            env = {ENV: str(prog), LOG_ENV: str(log_path)}
+            listing = res / "logs" / f"{st.name}.outputs"
+            for p in (log_path, prog, listing):
+                p.unlink(missing_ok=True)
+            env = {ENV: str(prog), LOG_ENV: str(log_path), OUTPUTS_ENV: str(listing)}
             if width > 1:  # each of the concurrent kernels gets its share of the cores
                 env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
             status.print(f"[pipeline] {label}: running {st.notebook.name} ...")
             status.start(label, prog)
-            t0, started = time.perf_counter(), time.time()
+            t0 = time.perf_counter()
             try:
                 _execute(st, params, dest, root, key, log_path=log_path, env=env)
             finally:
@@ -342,7 +349,7 @@ def _execute_all(todo, keys, res, out_dir, root, force, only, jobs, status: Stat
                 prog.unlink(missing_ok=True)
             dt = time.perf_counter() - t0
             with atomic_path(stamp) as tmp:
-                tmp.write_text(json.dumps({"key": key, "seconds": dt, "outputs": _outputs(res, dest, started)}))
+                tmp.write_text(json.dumps({"key": key, "seconds": dt, "outputs": _outputs(dest, listing)}))
             status.print(f"[pipeline] {label}: done in {_minutes(dt)}")
             return {"stage": st.name, "status": "ran", "seconds": dt}
 

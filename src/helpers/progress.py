@@ -15,6 +15,7 @@ import shutil
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import ClassVar, TextIO
 
@@ -28,28 +29,32 @@ RELAY_INTERVAL_S = 1.0
 class tqdm(_auto_tqdm):  # noqa: N801 (tqdm's own name, so that call sites read as usual)
     """``tqdm.auto.tqdm`` that also relays its state to the file named by ``$HELPERS_PROGRESS_FILE``."""
 
-    _open: ClassVar[dict[int, "tqdm"]] = {}  # by id(): tqdm's __eq__ compares screen positions
+    # by id() (tqdm's __eq__ compares screen positions), weakly: a bar never closed does not stay on the line
+    _open: ClassVar["weakref.WeakValueDictionary[int, tqdm]"] = weakref.WeakValueDictionary()
     _last_relay: ClassVar[float] = 0.0
-    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _relay_lock: ClassVar[threading.RLock] = threading.RLock()  # not tqdm's own ``_lock``
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._relayed_at = 0.0
         if not self.disable and os.environ.get(ENV):
-            with tqdm._lock:
+            with tqdm._relay_lock:
                 tqdm._open[id(self)] = self
             _relay(force=True)
 
     def update(self, n: float | None = 1) -> bool | None:
         out = super().update(n)
         if not self.disable and id(self) in tqdm._open:
-            _relay()
+            # a slow bar's every step is shown; fast ones at most once a second
+            _relay(force=time.monotonic() - self._relayed_at >= RELAY_INTERVAL_S)
+            self._relayed_at = time.monotonic()
         return out
 
     def close(self) -> None:
         was_open = id(self) in tqdm._open
         super().close()
         if was_open:
-            with tqdm._lock:
+            with tqdm._relay_lock:
                 tqdm._open.pop(id(self), None)
             _relay(force=True)
 
@@ -68,14 +73,14 @@ def _relay(force: bool = False) -> None:
     if not path or (not force and now - tqdm._last_relay < RELAY_INTERVAL_S):
         return
     tqdm._last_relay = now
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        with tqdm._lock:
-            states = [_state(b) for b in tqdm._open.values()]
-        tmp = f"{path}.{os.getpid()}.tmp"
-        Path(tmp).write_text(json.dumps(states))
+        with tqdm._relay_lock:
+            states = [_state(b) for b in list(tqdm._open.values())]
+        Path(tmp).write_text(json.dumps(states, default=float))
         os.replace(tmp, path)
-    except (OSError, ValueError, TypeError):
-        pass
+    except Exception:  # noqa: BLE001 (progress must never break a stage)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def read_states(path: Path) -> list[dict]:

@@ -46,6 +46,7 @@ def atomic_path(path: str | Path, expected_bytes: int = 0) -> Iterator[Path]:
         yield Path(tmp)
         integrity.record(path, of=Path(tmp))  # the record first: a file is never newer than its record
         os.replace(tmp, path)
+        _note_output(path)
     except OSError as err:
         written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
         Path(tmp).unlink(missing_ok=True)
@@ -55,6 +56,34 @@ def atomic_path(path: str | Path, expected_bytes: int = 0) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: Environment variable naming the file where a stage lists what it wrote (set by the stage runner).
+OUTPUTS_ENV = "HELPERS_OUTPUTS_FILE"
+
+
+def _note_output(path: Path) -> None:
+    """Append ``path`` to the running stage's list of outputs (one line, one append)."""
+    listing = os.environ.get(OUTPUTS_ENV)
+    if listing:
+        with open(listing, "a") as f:
+            f.write(f"{Path(path).resolve()}\n")
+
+
+def save_figure(fig, path: str | Path, **kwargs) -> Path:
+    """``fig.savefig(path, **kwargs)`` written atomically with its size/sha256 record (format from the suffix)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip("."), **kwargs)
+    return path
+
+
+def save_csv(df: pd.DataFrame, path: str | Path, **kwargs) -> Path:
+    """``df.to_csv(path, **kwargs)`` written atomically with its size/sha256 record."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, **kwargs)
+    return path
 
 
 KEY_ATTR = "helpers_key"

@@ -226,7 +226,7 @@ def trace_facts(
     if sigma is None:
         sigma = noise_sigma(model, tok, facts["subject"].tolist())
     saved = _Checkpoint(checkpoint, (list(kinds), list(windows), float(sigma), n_samples, seed, method, tokens,
-                                     _model_name(model)), checkpoint_every_s)
+                                     _model_name(model)), checkpoint_every_s, facts)
     frames, skipped = saved.frames(), list(saved.skipped)
     todo = facts[~facts["case_id"].isin(saved.done)]
     if len(todo) < len(facts):
@@ -260,8 +260,15 @@ def _model_name(model: nn.Module) -> str:
 class _Checkpoint:
     """The rows of :func:`trace_facts` saved so far (see its ``checkpoint`` argument)."""
 
-    def __init__(self, path: str | Path | None, settings: tuple, every_s: float) -> None:
+    def __init__(self, path: str | Path | None, settings: tuple, every_s: float, facts: pd.DataFrame) -> None:
+        import hashlib
+        import json
+
         from .sweep import _fingerprint
+
+        # each fact's content: saved rows are reused only for a case_id whose prompt, subject and target are unchanged
+        self.hashes = {int(r.case_id): hashlib.sha256(f"{r.prompt}\0{r.subject}\0{r.target_true}".encode()).hexdigest()[:16]
+                       for r in facts.itertuples(index=False)}
 
         self.path = Path(path) if path is not None else None
         self.key = _fingerprint("tracing", *settings) if self.path is not None else ""
@@ -276,8 +283,10 @@ class _Checkpoint:
                 integrity.remove(self.path)
         if have is not None:
             if tables.table_key(have) == self.key:
-                self.skipped = [int(c) for c in have.attrs.get("skipped_ids", "").split(",") if c]
-                self.table = have[TABLE_COLUMNS]
+                old = json.loads(have.attrs.get("fact_hashes", "{}"))
+                same = {int(c) for c, h in old.items() if self.hashes.get(int(c)) == h}
+                self.skipped = [int(c) for c in have.attrs.get("skipped_ids", "").split(",") if c and int(c) in same]
+                self.table = have[have["case_id"].isin(same)][TABLE_COLUMNS]
             else:
                 log.warning("%s was traced with other settings, another model or other helpers code; "
                             "tracing again", self.path)
@@ -295,7 +304,11 @@ class _Checkpoint:
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TABLE_COLUMNS)
         n_done = len(set(table["case_id"]) | set(skipped))
         if n_done != self.n_written or not self.path.exists():
+            import json
+
             table.attrs["skipped_ids"] = ",".join(str(int(c)) for c in skipped)
+            ids = set(table["case_id"].astype(int)) | {int(c) for c in skipped}
+            table.attrs["fact_hashes"] = json.dumps({str(c): self.hashes[c] for c in sorted(ids) if c in self.hashes})
             tables.write_table(table, self.path, key=self.key)
             self.n_written = n_done
         self.last = time.monotonic()

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from .. import integrity
 from ..progress import tqdm
@@ -186,7 +186,8 @@ class SecondMoments:
             if p is not None:
                 p.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(p, expected_bytes=c.numel() * c.element_size()) as tmp:
-                    save_file({"mom2": c.contiguous().cpu(), "count": torch.tensor(count)}, str(tmp))
+                    # bytes written by Python, so that a full disk is an OSError (DiskFull), not a SafetensorError
+                    tmp.write_bytes(save({"mom2": c.contiguous().cpu(), "count": torch.tensor(count)}))
 
     def moment(self, layer: int) -> torch.Tensor:
         """C (d_ff, d_ff) float32, on the model's device."""

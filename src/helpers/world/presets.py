@@ -79,6 +79,9 @@ def ensure_world_model(preset: str, cache_dir: Path | str, world_cfg: WorldConfi
             return folder
         log.warning("cached world model %s is damaged (%s): deleting it and training again", folder, bad)
         shutil.rmtree(folder)
+    elif folder.exists():  # no world.json: not a finished folder (it is renamed into place only when complete)
+        log.warning("cached world model %s is incomplete: deleting it and training again", folder)
+        shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
