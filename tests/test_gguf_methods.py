@@ -74,6 +74,9 @@ class FromGGUF:
                 cfg = json.loads(cfg_file.read_text())
                 cfg["tokenizer_class"] = "TokenizersBackend"
                 cfg_file.write_text(json.dumps(cfg, indent=2))
+                from helpers import integrity
+
+                integrity.write_manifest(self.folder)  # a deliberate edit: record it, or the load converts again
                 self.model, self.tok = models.load_model(self.gguf)  # the same cached folder, read again
         self.stats = E.SecondMoments(self.model, self.tok, self.trained.docs[:400], n_tokens=3000,
                                      cache_dir=d / "loaded", progress=False)
