@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from . import pipeline
-from .book_build import BookBuildFailed, headline
+from .book_build import BookBuildFailed, count_pages, headline
 from .profile_checks import ProfileSizeError
 from .runlock import RunLocked
 
@@ -25,13 +25,12 @@ def _book(args: argparse.Namespace) -> int:
         print(f"[pipeline] ERROR: {err}", file=sys.stderr)
         return 1
     ran = sum(r["status"] == "ran" for r in report)
-    pages = sum(1 for p in html.rglob("*.html") if not p.name.startswith(("genindex", "search")))
+    pages = count_pages(html)
     book_dir = (args.book_dir or pipeline.project_root() / "book").resolve()
     head = headline(book_dir)
-    m, s = divmod(int(round(time.perf_counter() - t0)), 60)
     print("=" * 72)
     print(f"book of profile '{args.profile}': {len(report)} stages ({ran} run, {len(report) - ran} unchanged), "
-          f"{pages} pages, {m} min {s:02d} s in all")
+          f"{pages} pages, {pipeline._minutes(time.perf_counter() - t0)} in all")
     if head:
         print(f"headline: {head}")
     print(f"open {html / 'index.html'}")

@@ -106,9 +106,14 @@ def build_book(book_dir: Path | None = None, out_dir: Path | None = None) -> Pat
         tail = "\n".join(log_path.read_text().splitlines()[-25:])
         raise BookBuildFailed(f"jupyter-book build failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
     done.write_text("")
-    n_pages = sum(1 for _ in html.rglob("*.html") if not _.name.startswith(("genindex", "search")))
+    n_pages = count_pages(html)
     print(f"[book] built {n_pages} pages in {time.perf_counter() - t0:.0f} s: open {html / 'index.html'}", flush=True)
     return html
+
+
+def count_pages(html: Path) -> int:
+    """Built pages (the generated index and search pages aside)."""
+    return sum(1 for p in html.rglob("*.html") if not p.name.startswith(("genindex", "search")))
 
 
 class BookBuildFailed(RuntimeError):

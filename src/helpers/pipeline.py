@@ -258,7 +258,7 @@ def _outputs(executed: Path, listing: Path) -> dict[str, list]:
     return out
 
 
-def _damaged_output(stamp: dict, res: Path, executed: Path) -> str | None:
+def _damaged_output(stamp: dict, executed: Path) -> str | None:
     """Why a finished stage's outputs cannot be trusted (None when they can): one is missing, or differs both
     from what the stage wrote and from its own size/sha256 record (a later stage may rewrite a shared table,
     always with a new record)."""
@@ -318,7 +318,7 @@ def _execute_all(todo, keys, res, out_dir, root, force, only, jobs, status: Stat
             if only is not None and not any(st.name.startswith(o) for o in only):
                 continue
             if not force and _read_stamp(stamp).get("key") == key and executed_key(dest) == key:
-                damaged = _damaged_output(_read_stamp(stamp), res, dest)
+                damaged = _damaged_output(_read_stamp(stamp), dest)
                 if damaged is None:
                     status.print(f"[pipeline] ({k + 1}/{n}) {st.name}: unchanged, skipped")
                     report.append({"stage": st.name, "status": "skipped", "seconds": 0.0})

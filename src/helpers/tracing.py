@@ -225,8 +225,10 @@ def trace_facts(
         raise ValueError("on_missing must be 'skip' or 'raise'")
     if sigma is None:
         sigma = noise_sigma(model, tok, facts["subject"].tolist())
+    from .sweep import _model_id
+
     saved = _Checkpoint(checkpoint, (list(kinds), list(windows), float(sigma), n_samples, seed, method, tokens,
-                                     _model_name(model)), checkpoint_every_s, facts)
+                                     _model_id(model)), checkpoint_every_s, facts)
     frames, skipped = saved.frames(), list(saved.skipped)
     todo = facts[~facts["case_id"].isin(saved.done)]
     if len(todo) < len(facts):
@@ -250,11 +252,6 @@ def trace_facts(
     table = table.iloc[np.argsort(table["case_id"].map(order).to_numpy(), kind="stable")].reset_index(drop=True)
     table.attrs["skipped"] = [c for c in skipped if c in set(facts["case_id"])]
     return table
-
-
-def _model_name(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    return str(getattr(cfg, "_name_or_path", "") or type(model).__name__)
 
 
 class _Checkpoint:
