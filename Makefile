@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "==> installing the project and its dependencies (torch pinned by constraints.txt)"
 	@$(PY) -m pip install --quiet --upgrade pip 2>&1 | $(QUIET_PIP)
-	@$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	@$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,scale]' 2>&1 | $(QUIET_PIP)
 	@touch $(STAMP)
 
 book: $(STAMP)
@@ -48,6 +48,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/editing.py --model smollm2-135m --data known --corpus wikitext --n-tokens 100000 --no-loop --facts 2 --layers 6,18 --problems ei,ff --threads 2 --chunk 2
 	@echo "==> real model: editing quality bar on SmolLM2-135M (50 known facts, Error Injection)"
 	$(PY) benchmarks/edit_quality.py --model smollm2-135m --data known --corpus wikitext --n-tokens 100000 --facts 50 --layers 3,6,12,21 --threads 2 || true
+	@echo "==> scale-out: the same editing cells in-process, on 1 Ray worker and on 2 one-thread workers (SmolLM2)"
+	$(PY) benchmarks/scale.py --profile smollm2 --facts 4 --layers 6,12 --methods ft1,rome || true
 	@echo "==> per-stage times of the last run of each profile"
 	@for f in results/*/timings.json; do echo "$$f"; $(PY) -c "import json,sys; [print(f'  {r[\"stage\"]:40s} {r[\"status\"]:8s} {r[\"seconds\"]:8.1f} s') for r in json.load(open(sys.argv[1]))]" $$f; done
 

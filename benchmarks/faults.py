@@ -50,11 +50,11 @@ KILL_POINTS = [
     KillPoint("world training", r"00_world: running", 4.0),
     KillPoint("data filter", r"01_data: running", 5.0),
     KillPoint("tracing", r"02_tracing: running", 8.0),
+    KillPoint("editing cell (FT)", r"03_editing__ft1__ei: running", 4.0),  # stage order: ft1 cells, then rome
     KillPoint("editing cell (second moments, ROME)", r"03_editing__rome__ei: running", 7.0),
-    KillPoint("editing cell (FT)", r"03_editing__ft1__ff: running", 6.0),
     KillPoint("localization analysis", r"04_localization_vs_editing: running", 6.0),
     KillPoint("five problems", r"05_five_problems: running", 5.0),
-    KillPoint("book build", r"\[book\] jupyter-book build", 4.0),
+    KillPoint("book build", r"\[book\] jupyter-book build", 1.5),
 ]
 
 
@@ -153,7 +153,8 @@ def page_texts(book: Path) -> dict[str, str]:
         html = re.sub(r"(?s)<(script|style|svg)\b.*?</\1>", " ", html)
         html = re.sub(r'src="data:[^"]*"', "", html)
         text = " ".join(re.sub(r"<[^>]+>", " ", html).split())
-        out[str(p.relative_to(book))] = re.sub(r"\b\d+(\.\d+)? s\b", "<time> s", text)  # "took 0.42 s"
+        text = re.sub(r"\b\d+(\.\d+)? (s|minutes)\b", r"<time> \2", text)  # "took 0.42 s", "0.4 minutes"
+        out[str(p.relative_to(book))] = text
     return out
 
 

@@ -3,6 +3,7 @@ rebuilt, never read."""
 
 from __future__ import annotations
 
+import os
 import json
 import logging
 import shutil
@@ -200,3 +201,30 @@ def test_pipeline_reruns_a_stage_whose_output_was_damaged(tmp_path, model_dirs, 
     tables.write_table(pd.DataFrame({"a": range(7)}), res / "rows.parquet")
     assert [r["status"] for r in pipeline.run(profile, **kw)] == ["skipped"]
     shutil.rmtree(res / ".stages")
+
+
+def test_temporaries_of_killed_writers_are_removed(tmp_path):
+    """What a writer killed mid-write leaves (atomic_path's temporary, a sidecar's, a download's): removed when its
+    writer's process is gone, kept while it runs; in a results folder whose lock is held, all of them."""
+    import subprocess
+    import sys
+
+    from helpers import tables
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / "sub").mkdir()
+    left = [tmp_path / f".t.parquet.{pid}.ab12_cd3.tmp", tmp_path / "sub" / f".x.sha256.{pid}.1234.tmp",
+            tmp_path / f".model.gguf.tmp-{pid}"]
+    live = tmp_path / f".u.parquet.{os.getpid()}.zz.tmp"
+    legacy = tmp_path / ".v.png.jbk0d1r0.tmp"  # no writer pid in the name
+    keep = tmp_path / "t.parquet"
+    for p in (*left, live, legacy, keep):
+        p.write_text("x")
+    assert sorted(tables.remove_stale_temporaries(tmp_path)) == sorted(left)
+    assert live.exists() and legacy.exists() and keep.exists()
+    assert sorted(tables.remove_stale_temporaries(tmp_path, everything=True)) == sorted([live, legacy])
+    assert keep.exists()
+    with tables.atomic_path(tmp_path / "w.txt") as t:
+        assert f".{os.getpid()}." in t.name  # the writer's pid is in every temporary's name
+        t.write_text("y")

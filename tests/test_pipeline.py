@@ -277,3 +277,35 @@ def test_tables_are_identical_across_runs_and_job_counts(standin_book, tmp_path)
             if not volatile:
                 assert p.read_bytes() == (res / sub / p.name).read_bytes(), p.name
             pd.testing.assert_frame_equal(a.drop(columns=volatile), b.drop(columns=volatile), check_exact=True)
+
+
+@pytest.mark.slow
+def test_stages_on_a_ray_pool_equal_the_local_run(standin_book, tmp_path):
+    """The stand-in profile's data, tracing and one editing cell with ``executor: ray`` (a local cluster of 2
+    one-thread workers) write the same tables as the local run of the book fixture (float rounding aside)."""
+    pytest.importorskip("ray")
+    import pandas as pd
+
+    local_root, _, _ = standin_book
+    prof = yaml.safe_load(_standin_profile(tmp_path, Path(yaml.safe_load(
+        (local_root / "standin.yaml").read_text())["model"])).read_text())
+    prof["editing"].update(methods=["rome"], problems=["ei"])
+    prof.update(stages=["01_data", "02_tracing", "03_editing"],
+                executor={"kind": "ray", "workers": 2, "threads_per_worker": 1, "facts_per_unit": 2})
+    path = tmp_path / "standin.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    report = pipeline.run(path, book_dir=_copy_book(tmp_path), root=ROOT, results_root=tmp_path / "results", jobs=2)
+    assert [r["stage"] for r in report] == ["01_data", "02_tracing", "03_editing__rome__ei"]
+    for table in ("tracing.parquet", "edits/rome__ei.parquet"):
+        a = pd.read_parquet(local_root / "results" / "standin" / table)
+        b = pd.read_parquet(tmp_path / "results" / "standin" / table)
+        a, b = (t.drop(columns=[c for c in ("seconds",) if c in t]) for t in (a, b))
+        assert len(a) == len(b) and list(a.columns) == list(b.columns), table
+        for c in a.columns:
+            x, y = a[c], b[c]
+            if x.map(lambda v: hasattr(v, "__len__") and not isinstance(v, str)).any():
+                x, y = x.explode(), y.explode()
+            if pd.api.types.is_float_dtype(x) or c.endswith(("_pre", "_post")):
+                pd.testing.assert_series_equal(x.astype(float), y.astype(float), rtol=1e-5, atol=1e-6, obj=c)
+            else:
+                assert x.astype(str).tolist() == y.astype(str).tolist(), (table, c)

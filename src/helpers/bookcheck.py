@@ -18,7 +18,8 @@ from pathlib import Path
 
 #: Text that must not appear on a rendered page: unresolved glue, Python errors, Sphinx's missing-reference "??".
 BAD_TEXT = ("Traceback (most recent call last)", "NameError", "glue:text", "{glue", "Error: ", "??",
-            "WARNING:", "Warning: ")  # log lines and Python warnings belong in the stage log, not on a page
+            "WARNING:", "Warning: ",  # log lines and Python warnings belong in the stage log, not on a page
+            "PosixPath(")  # a cell's value that is a local path (the reader's page should not show the builder's disk)
 
 
 def find_browser() -> str | None:

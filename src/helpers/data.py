@@ -37,6 +37,9 @@ class RecordError(ValueError):
         self.case_id, self.field, self.problem = case_id, field_name, problem
         super().__init__(f"CounterFact record {self.line}")
 
+    def __reduce__(self):  # picklable with its fields (it travels back from Ray workers)
+        return type(self), (self.case_id, self.field, self.problem)
+
     @property
     def line(self) -> str:
         """``case_id=X: field 'F': problem``."""

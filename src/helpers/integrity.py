@@ -30,11 +30,19 @@ class CorruptFile(OSError):
         super().__init__(f"{path}: {problem}")
         self.path, self.problem = Path(path), problem
 
+    def __reduce__(self):  # picklable with its fields (it travels back from Ray workers)
+        return type(self), (self.path, self.problem)
+
 
 def sidecar(path: Path) -> Path:
     """Where the record of ``path`` lives."""
     path = Path(path)
     return path.with_name(f".{path.name}.sha256")
+
+
+def content_record(path: Path) -> list:
+    """``[sha256, size in bytes]`` of a file: what a record (and a stage stamp's list of outputs) holds."""
+    return [sha256_file(path), Path(path).stat().st_size]
 
 
 def record(path: Path, of: Path | None = None) -> None:
@@ -43,7 +51,7 @@ def record(path: Path, of: Path | None = None) -> None:
     side = sidecar(path)
     tmp = side.with_name(f"{side.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        tmp.write_text(f"{sha256_file(of)} {of.stat().st_size}\n")
+        tmp.write_text("{} {}\n".format(*content_record(of)))
         os.replace(tmp, side)
     except BaseException:
         tmp.unlink(missing_ok=True)

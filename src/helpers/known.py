@@ -388,7 +388,7 @@ def write_known_counterfact(dest: Path | str, seed: int = 0, corpus_sentences: S
         dest = dest / "counterfact.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     records = known_records(seed=seed, corpus_sentences=corpus_sentences)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(records, f, ensure_ascii=False, indent=1)

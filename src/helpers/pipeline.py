@@ -25,6 +25,7 @@ from typing import Any
 # Re-exported: the public names of this module before it was split.
 from .book_build import _prepare_for_book, build_book, executed_key, write_toc
 from .progress import ENV, LOG_ENV, StatusLine
+from .integrity import content_record as _record
 from .tables import OUTPUTS_ENV, atomic_path
 from .profile_loader import (
     DEFAULTS,
@@ -192,6 +193,13 @@ def _run(
     out_dir.mkdir(parents=True, exist_ok=True)
     res = results_dir(profile, results_root)
     (res / ".stages").mkdir(parents=True, exist_ok=True)
+    from .tables import remove_stale_temporaries
+
+    # what a killed run was writing: every temporary in this results folder (its lock is ours), and in the
+    # shared cache those whose writer is gone
+    stale_tmp = remove_stale_temporaries(res, everything=True) + remove_stale_temporaries(cache_dir())
+    if stale_tmp:
+        print(f"[pipeline] removed {len(stale_tmp)} temporary files left by an interrupted run", flush=True)
     src = source_hash()
     todo = stages(profile, root)
     n = len(todo)
@@ -201,6 +209,10 @@ def _run(
         p.unlink()
     if stale:
         print(f"[pipeline] removed {len(stale)} executed notebooks that are not stages of {profile.name}", flush=True)
+    if jobs > 1 and profile.raw["executor"]["kind"] != "local":
+        print(f"[pipeline] note: executor {profile.raw['executor']['kind']} spreads each stage over its workers; "
+              "stages run one at a time (--jobs 1)", flush=True)
+        jobs = 1
     print(f"[pipeline] profile {profile.name}: {n} stages -> {out_dir} ({jobs} at a time where independent)", flush=True)
     from .profile_checks import preflight
 
@@ -233,12 +245,6 @@ def _read_stamp(stamp: Path) -> dict:
         return json.loads(stamp.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _record(p: Path) -> list:
-    from .checksums import sha256_file
-
-    return [sha256_file(p), p.stat().st_size]
 
 
 def _outputs(executed: Path, listing: Path) -> dict[str, list]:

@@ -39,6 +39,10 @@ DEFAULTS: dict[str, Any] = {
     # second moments and unrelated sentences of a real model: "wikitext" (the shared WikiText-2 train split
     # where present, else the vendored slice), "wikitext-slice", or a text file (one document per line)
     "stats": {"corpus": None, "tokens": None},
+    # how tracing and the editing sweep run (helpers.scaleout): "local" (this process) or "ray" (a pool of actors,
+    # on a local Ray cluster when address is None, else on the running cluster at address)
+    "executor": {"kind": "local", "address": None, "workers": 2, "threads_per_worker": 1, "gpus_per_worker": 0,
+                 "facts_per_unit": None, "layers_per_unit": None, "retries": 1},
     "stages": None,  # None = every notebook; else the stage-name prefixes to run, e.g. [01_data, 02_tracing]
 }
 
@@ -94,6 +98,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
                 raise ValueError(f"profile {path}: unknown keys {sorted(bad)} in section {section!r}; "
                                  f"known: {sorted(DEFAULTS[section])}")
     merged = _merge(DEFAULTS, raw)
+    from .scaleout import ExecutorConfig
+
+    ExecutorConfig.from_dict(merged["executor"], where=f"profile {path}: executor")  # bad values fail here
     return Profile(name=raw.get("name", path.stem), path=path.resolve(), raw=merged)
 
 

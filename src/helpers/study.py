@@ -105,6 +105,20 @@ class Study:
 
         return load_hparams(self.hparams_family, method, problem)
 
+    # ------------------------------------------------------------------ where the work runs
+    @functools.cached_property
+    def executor(self):
+        """The profile's executor for tracing and the sweep (:mod:`helpers.scaleout`): None runs them in this
+        process; a Ray pool's workers open this same study (profile, results and cache folders)."""
+        import os
+
+        from .scaleout import ExecutorConfig, WorkerSpec, make_executor
+
+        cfg = ExecutorConfig.from_dict(self.profile.raw.get("executor"), where=f"profile {self.profile.name}")
+        # where the project, cache and results are (not the stage's progress, log and outputs files: the driver's)
+        env = {k: os.environ[k] for k in ("HELPERS_ROOT", "HELPERS_CACHE", "HELPERS_RESULTS") if k in os.environ}
+        return make_executor(cfg, WorkerSpec(str(self.profile.path), str(self.results), str(self.cache), env))
+
     # ------------------------------------------------------------------ editing resources
     @functools.cached_property
     def corpus(self):

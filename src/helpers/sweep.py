@@ -143,6 +143,7 @@ def run_cell(
     stats: editing.SecondMoments | None = None,
     templates: editing.ContextTemplates | None = None,
     stop_after: int | None = None,
+    executor=None,
 ) -> pd.DataFrame:
     """Run (or resume) one cell; returns the full edit table (also written to ``out_path``).
 
@@ -152,7 +153,8 @@ def run_cell(
     faster: fine-tuning under Fact Forcing). ``editing.edit`` / ``evaluation.measure`` remain as the readable
     one-fact reference that the tests compare it with. A chunk that fails as a whole is redone one fact at a
     time, so every failure is recorded on its own row. The table is written after every chunk. ``stop_after`` processes at most that
-    many facts in this call (for tests of resuming).
+    many facts in this call (for tests of resuming). ``executor`` (:mod:`helpers.scaleout`; None = this process)
+    runs (chunk, layers) units on a pool of workers; the driver writes the table after every unit.
     """
     out_path = Path(out_path)
     prob = get_problem(cfg.problem)
@@ -168,6 +170,10 @@ def run_cell(
     bar = tqdm(total=sum(sum((int(f["case_id"]), l) not in done_keys for l in cfg.layers) for f in todo),
                desc=f"{cfg.method} × {prob.key}", leave=False)
     step = max(1, int(cfg.batch_size))
+    if executor is not None:
+        new_rows = _run_units(executor, todo, done, done_keys, pre, cfg, out_path, key, stats is not None, bar)
+        bar.close()
+        return _combine(done, new_rows)
     for i in range(0, len(todo), step):
         chunk = todo[i : i + step]
         tasks = [_task_from_pre(f, pre.loc[int(f["case_id"])], prob.key, cfg.sigma, cfg.options) for f in chunk]
@@ -182,6 +188,35 @@ def run_cell(
         tables.write_table(_combine(done, new_rows), out_path, key)  # committed per chunk, atomically
     bar.close()
     return _combine(done, new_rows)
+
+
+def _run_units(executor, todo: list, done: pd.DataFrame, done_keys: set, pre: pd.DataFrame, cfg: CellConfig,
+               out_path: Path, key: str, resources: bool, bar) -> list[dict]:
+    """:func:`run_cell` on ``executor``'s workers. A unit is a chunk of ``batch_size`` facts (the local path's
+    chunks, so the batches and their results are the same) × ``layers_per_unit`` central layers, each layer
+    editing the chunk's facts that lack a row there; the table is written after every finished unit."""
+    per = max(1, int(executor.config.facts_per_unit or cfg.batch_size))
+    n_layers = max(1, int(executor.config.layers_per_unit or len(cfg.layers)))
+    units = []
+    for i in range(0, len(todo), per):
+        chunk = todo[i : i + per]
+        for j in range(0, len(cfg.layers), n_layers):
+            plan = [(l, [k for k, f in enumerate(chunk) if (int(f["case_id"]), l) not in done_keys])
+                    for l in cfg.layers[j : j + n_layers]]
+            plan = [(l, idx) for l, idx in plan if idx]
+            if plan:
+                units.append((chunk, pre.loc[sorted({int(f["case_id"]) for f in chunk})], plan, cfg, resources))
+    new_rows: list[dict] = []
+
+    def write(index: int, rows: list[dict]) -> None:
+        fresh = [r for r in rows if (r["case_id"], r["central_layer"]) not in done_keys]
+        done_keys.update((r["case_id"], r["central_layer"]) for r in fresh)
+        new_rows.extend(fresh)
+        bar.update(len(fresh))
+        tables.write_table(_combine(done, new_rows), out_path, key)  # committed per unit, atomically
+
+    executor.map("edit", units, write)
+    return new_rows
 
 
 def _base_row(fact, task: Task, p, layer: int, cfg: CellConfig, model: nn.Module) -> dict:
@@ -268,7 +303,8 @@ def _combine(done: pd.DataFrame, new_rows: list[dict]) -> pd.DataFrame:
     table = new if len(done) == 0 else pd.concat([done, new], ignore_index=True) if len(new) else done
     for c in _LIST_COLS:
         if c in table:
-            table[c] = table[c].apply(lambda v: list(v) if isinstance(v, (list, tuple, np.ndarray)) else [])
+            table[c] = table[c].apply(lambda v: v.tolist() if isinstance(v, np.ndarray)  # python numbers, as fresh rows
+                                      else list(v) if isinstance(v, (list, tuple)) else [])
     return table.sort_values(KEY).reset_index(drop=True)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,6 +15,8 @@ from typing import Iterator
 import pandas as pd
 
 from . import integrity
+
+log = logging.getLogger(__name__)
 
 
 class DiskFull(OSError):
@@ -23,6 +27,9 @@ class DiskFull(OSError):
                                        f"{_size(needed)}, {_size(free)} free there; free some space and re-run "
                                        "(finished work is kept, nothing half-written was left)")
         self.path, self.needed, self.free = path, needed, free
+
+    def __reduce__(self):  # picklable with its fields (it travels back from Ray workers)
+        return type(self), (self.path, self.needed, self.free)
 
 
 def _size(n: int) -> str:
@@ -40,7 +47,7 @@ def atomic_path(path: str | Path, expected_bytes: int = 0) -> Iterator[Path]:
     that fails for lack of space raises :class:`DiskFull` (``expected_bytes``, if known, is reported as needed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -70,20 +77,20 @@ def _note_output(path: Path) -> None:
             f.write(f"{Path(path).resolve()}\n")
 
 
-def save_figure(fig, path: str | Path, **kwargs) -> Path:
-    """``fig.savefig(path, **kwargs)`` written atomically with its size/sha256 record (format from the suffix)."""
+def save_figure(fig, path: str | Path, **kwargs) -> None:
+    """``fig.savefig(path, **kwargs)`` written atomically with its size/sha256 record (format from the suffix).
+    Returns nothing, so a notebook cell that ends with it shows no value (a local path) on the page."""
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip("."), **kwargs)
-    return path
 
 
-def save_csv(df: pd.DataFrame, path: str | Path, **kwargs) -> Path:
-    """``df.to_csv(path, **kwargs)`` written atomically with its size/sha256 record."""
+def save_csv(df: pd.DataFrame, path: str | Path, **kwargs) -> None:
+    """``df.to_csv(path, **kwargs)`` written atomically with its size/sha256 record (returns nothing, as
+    :func:`save_figure`)."""
     path = Path(path)
     with atomic_path(path) as tmp:
         df.to_csv(tmp, **kwargs)
-    return path
 
 
 KEY_ATTR = "helpers_key"
@@ -117,3 +124,35 @@ def read_table(path: str | Path) -> pd.DataFrame:
         return pd.read_parquet(path)
     except (OSError, ValueError) as err:  # a file from before records existed, damaged
         raise integrity.CorruptFile(path, f"not a readable parquet table ({err})") from err
+
+
+_WRITER_PID = re.compile(r"\.(\d+)\.[A-Za-z0-9_]+\.tmp$|\.tmp-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path, everything: bool = False) -> list[Path]:
+    """Remove the temporary files (and folders) that writers killed mid-write left under ``folder``: those whose
+    writer's process id (in the name) is gone, or with ``everything`` (a results folder whose run lock this process
+    holds) every temporary. Returns what was removed."""
+    removed = []
+    for p in sorted(Path(folder).rglob("*"), reverse=True):
+        name = p.name
+        if not (name.endswith(".tmp") or ".tmp-" in name):
+            continue
+        m = _WRITER_PID.search(name)
+        pid = int(m.group(1) or m.group(2)) if m else None
+        if everything or (pid is not None and pid != os.getpid() and not _alive(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        log.info("removed %d temporary files left by interrupted writers under %s", len(removed), folder)
+    return removed

@@ -207,6 +207,7 @@ def trace_facts(
     tokens: str = "all",
     checkpoint: str | Path | None = None,
     checkpoint_every_s: float = 60.0,
+    executor=None,
 ) -> pd.DataFrame:
     """Trace every fact of ``facts`` (columns case_id, subject, prompt (template with ``{}`` or full text),
     target_true) and return the long table (:data:`TABLE_COLUMNS`).
@@ -214,6 +215,9 @@ def trace_facts(
     ``checkpoint``: a parquet file the rows traced so far are written to (atomically, every
     ``checkpoint_every_s`` seconds and at the end), with a fingerprint of the settings, the model and the
     ``helpers`` source; a re-run with the same fingerprint traces only the facts it does not hold.
+
+    ``executor`` (:mod:`helpers.scaleout`; None = this process) traces chunks of facts on a pool of workers and
+    writes the checkpoint after every chunk.
 
     σ defaults to :func:`noise_sigma` over all the facts' subjects (stored in the ``sigma`` column).
     ``on_missing``: "skip" drops a fact whose subject is not in its prompt (logged, and listed in
@@ -233,6 +237,23 @@ def trace_facts(
     todo = facts[~facts["case_id"].isin(saved.done)]
     if len(todo) < len(facts):
         log.info("%s: %d of %d facts already traced", checkpoint, len(facts) - len(todo), len(facts))
+    if executor is not None:
+        bar = tqdm(total=len(todo), desc="tracing", disable=not progress)
+        units = [(todo.iloc[i : i + (executor.config.facts_per_unit or 4)],
+                  dict(kinds=list(kinds), windows=list(windows), sigma=sigma, n_samples=n_samples, seed=seed,
+                       method=method, on_missing=on_missing, max_rows=max_rows, tokens=tokens))
+                 for i in range(0, len(todo), executor.config.facts_per_unit or 4)]
+
+        def write(index: int, result) -> None:
+            rows, skip = result
+            frames.append(rows)
+            skipped.extend(skip)
+            bar.update(len(units[index][0]))
+            saved.maybe_write(frames, skipped, force=True)  # committed per unit
+
+        executor.map("trace", units, write)
+        bar.close()
+        todo = todo.iloc[:0]
     for r in tqdm(todo.itertuples(index=False), total=len(todo), desc="tracing", disable=not progress):
         try:
             frames.append(

@@ -16,6 +16,9 @@ class SubjectNotFoundError(ValueError):
             "(also not after unidecode and removing spaces before . , !)"
         )
 
+    def __reduce__(self):  # picklable with its fields (it travels back from Ray workers)
+        return type(self), (self.case_id, self.prompt, self.subject)
+
 
 def _normalise(text: str) -> tuple[str, list[int]]:
     """§4.2 fallback: unidecode each character and drop spaces before . , ! .
