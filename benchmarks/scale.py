@@ -106,6 +106,7 @@ def main() -> None:
             setup = time.perf_counter() - t0
             dt, tabs = run(label.replace(" ", "_").replace(",", ""), ex)
             ex.close()
+            ray.shutdown()  # the next pool starts a cluster of its own size
             results[label] = (dt, setup)
             diffs.append(float(np.max(np.abs(_probs(tabs) - ref))))
         print(f"{'path':24s} {'seconds':>8s} {'edits/s':>8s} {'start-up s':>10s}")

@@ -243,3 +243,21 @@ def test_errors_a_worker_raises_travel_back_as_themselves():
                 RecordError(3, "prompt", "missing"), tracing.SubjectNotFoundError(1, "p", "s")):
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and str(back) == str(err)
+
+
+def test_a_pool_larger_than_the_cluster_shrinks_to_fit(standin, tmp_path, caplog):
+    """Asking for more workers than the cluster's CPUs hold would leave units waiting forever on actors that can
+    never start: the pool shrinks to what fits, with a warning, and the work finishes."""
+    _, study, facts = standin
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ex = _executor(standin, workers=int(ray.cluster_resources()["CPU"]) + 3)
+    try:
+        with caplog.at_level("WARNING"):
+            table = tracing.trace_facts(study.model, study.tok, facts.head(3), kinds=["mlp"], windows=[1], sigma=0.5,
+                                        n_samples=2, executor=ex)
+        assert len(ex._actors) == int(ray.cluster_resources()["CPU"])
+    finally:
+        ex.close()
+    assert "holds 2 of the 5 workers" in caplog.text
+    assert set(table["case_id"]) == set(facts.head(3)["case_id"])

@@ -158,7 +158,25 @@ class RayExecutor:
             log.info("starting Ray (%s)", cfg.address or "local cluster")
             ray.init(**kw)
         if not self._actors:
-            self._actors = [self._new_actor() for _ in range(self.config.workers)]
+            self._actors = [self._new_actor() for _ in range(self._pool_size())]
+
+    def _pool_size(self) -> int:
+        """``workers``, or as many as the cluster's CPUs and GPUs hold (an actor that cannot be placed would leave
+        its units waiting forever); none fitting is an error naming what is needed and what is there."""
+        import ray
+
+        cfg, have = self.config, ray.cluster_resources()
+        fits = [int(have.get("CPU", 0) // cfg.threads_per_worker)]
+        if cfg.gpus_per_worker:
+            fits.append(int(have.get("GPU", 0) // cfg.gpus_per_worker))
+        n = min([cfg.workers, *fits])
+        if n < 1:
+            raise RuntimeError(f"the Ray cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; one "
+                               f"worker needs {cfg.threads_per_worker} CPUs and {cfg.gpus_per_worker:g} GPUs")
+        if n < cfg.workers:
+            log.warning("the Ray cluster holds %d of the %d workers asked for (%g CPUs, %g GPUs); using %d", n,
+                        cfg.workers, have.get("CPU", 0), have.get("GPU", 0), n)
+        return n
 
     def _new_actor(self):
         import ray
