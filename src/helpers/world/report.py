@@ -191,7 +191,7 @@ class WorldReport:
     def text(self) -> str:
         s = self.summary
         lines = [
-            f"world model {s['folder']}",
+            f"world model {Path(s['folder']).name} (in the cache's world/ folder)",  # not the builder's disk path
             f"  {s['n_layers']} layers, d={s['d_model']}, {s['n_params'] / 1e6:.2f}M params, vocab {s['vocab']}; "
             f"{s['n_records']} facts; subject length {s['subject_tokens']:.2f} tokens",
             f"  training: {s['train_seconds']:.0f} s, {s['train_tokens']} tokens "
