@@ -132,11 +132,11 @@ def _spy_suffix_passes(monkeypatch) -> tuple[list, list]:
     return made, used
 
 
-def _one_and_many(tiny, reqs, method):
-    """The same requests edited one fact at a time and batched (fast mode) at layer 1."""
-    one = [E.edit(tiny.model, tiny.tok, r, method, 1, HP[method], stats=tiny.stats, templates=tiny.templates)
+def _one_and_many(tiny, reqs, method, layer: int = 1):
+    """The same requests edited one fact at a time and batched (fast mode) at ``layer``."""
+    one = [E.edit(tiny.model, tiny.tok, r, method, layer, HP[method], stats=tiny.stats, templates=tiny.templates)
            for r in reqs]
-    many = BT.edit_many(tiny.model, tiny.tok, reqs, method, 1, HP[method], stats=tiny.stats,
+    many = BT.edit_many(tiny.model, tiny.tok, reqs, method, layer, HP[method], stats=tiny.stats,
                         templates=tiny.templates, exact=False)
     return one, many
 
@@ -165,11 +165,12 @@ def test_fast_mode_recomputes_only_suffixes_within_tolerance(tiny, method, monke
 
     reqs = [r for r in _requests() if r.noise is None]
     made, used = _spy_suffix_passes(monkeypatch)
-    one, many = _one_and_many(tiny, reqs, method)
+    # MEMIT at central layer 1 of the 4-layer model has z = the last block: there δ reaches the loss only through
+    # the KL term, whose gradient at δ = 0 is float noise that Adam's first step blows up to lr; at layer 0, z = 2
+    one, many = _one_and_many(tiny, reqs, method, layer=0 if method == "memit" else 1)
     # one padded pass; its suffixes are well under its full length
     assert len(made) == 1 and made[0].input_ids.shape[1] / made[0].full.input_ids.shape[1] < 0.7
-    # ROME: every step runs the suffixes only (a graph-free full pass primes them); MEMIT: every step after the first
-    assert len(used) == _steps(tiny, method) - (method == "memit")
+    assert len(used) == _steps(tiny, method)  # every step runs the suffixes only (a graph-free full pass primes them)
     _assert_same_edits(tiny, reqs, many, one, method)
     monkeypatch.setattr(hooks, "REUSE_BELOW", False)
     BT.edit_many(tiny.model, tiny.tok, reqs[:1], method, 1, HP[method], stats=tiny.stats,

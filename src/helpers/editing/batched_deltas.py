@@ -111,7 +111,7 @@ def _optimize_deltas(
             subject_noise = not reuse and all(noise.specs[k] is None or noise.specs[k].positions == "subject"
                                               for k in ks)
             prefix = not exact and hooks.REUSE_BELOW and (reuse or subject_noise)
-            if prefix and reuse and kind == "mlp" and id(batch) not in primed:  # ROME (MEMIT's block-output δ: not yet)
+            if prefix and reuse and id(batch) not in primed:
                 # Clean rows: δ is 0 before the first update, so the full pass that fills the prefix cache and the
                 # stream below the block needs no graph; the first step's loss then comes from a suffix pass like
                 # every later step's. Keeping the full pass's activations for a backward was the peak of memory
