@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tracing import cpu_model  # noqa: E402  (benchmarks/tracing.py)
 
-from helpers import pipeline, scaleout, sweep, tables  # noqa: E402
+from helpers import editing, pipeline, scaleout, sweep  # noqa: E402
 from helpers.scaleout import ExecutorConfig, WorkerSpec  # noqa: E402
 from helpers.study import Study  # noqa: E402
 
@@ -72,8 +72,6 @@ def main() -> None:
             hp = study.hparams(m, "ei")
             needs = m in ("rome", "memit")
             if needs:
-                from helpers import editing
-
                 study.stats.precompute(sorted({l for c in layers for l in editing.edit_layers(study.model, m, c, hp)}))
                 _ = study.templates
             cells.append((m, sweep.CellConfig(m, "ei", layers, hp, sigma=study.sigma, batch_size=args.batch), needs))
@@ -96,15 +94,16 @@ def main() -> None:
         ref = _probs(tabs_local)
         diffs = []
         for label, workers in (("Ray, 1 worker", 1), (f"Ray, {args.workers} workers", args.workers)):
+            folder = f"ray{workers}"
             cfg = ExecutorConfig(kind="ray", workers=workers, threads_per_worker=1, facts_per_unit=args.batch)
-            ex = scaleout.RayExecutor(cfg, WorkerSpec(str(study.profile.path), str(work / label.replace(" ", "_").replace(",", "")), str(study.cache)))
+            ex = scaleout.RayExecutor(cfg, WorkerSpec(str(study.profile.path), str(work / folder), str(study.cache)))
             t0 = time.perf_counter()
             ex._start()
             import ray
 
             ray.get([a.ready.remote() for a in ex._actors])  # the actors have opened the study
             setup = time.perf_counter() - t0
-            dt, tabs = run(label.replace(" ", "_").replace(",", ""), ex)
+            dt, tabs = run(folder, ex)
             ex.close()
             ray.shutdown()  # the next pool starts a cluster of its own size
             results[label] = (dt, setup)

@@ -18,7 +18,7 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
-from helpers import data, scaleout, sweep, tables, tracing  # noqa: E402
+from helpers import data, editing, scaleout, sweep, tables, tracing  # noqa: E402
 from helpers.scaleout import ExecutorConfig, WorkerSpec  # noqa: E402
 from helpers.study import Study  # noqa: E402
 from conftest import SAMPLE_COUNTERFACT  # noqa: E402
@@ -57,8 +57,6 @@ def _executor(standin, **kw):
 
 
 def _cell(method="rome"):
-    from helpers import editing
-
     return sweep.CellConfig(method, "ei", [0, 1], editing.load_hparams("world", method, "ei"), sigma=0.5,
                             batch_size=2)
 
@@ -183,7 +181,7 @@ def test_an_error_of_the_unit_itself_is_raised_once(standin, tmp_path):
 
 DRIVER = """
 import sys
-from helpers import data, scaleout, sweep
+from helpers import data, editing, scaleout, sweep
 from helpers.study import Study
 from helpers.scaleout import ExecutorConfig, WorkerSpec
 import conftest
@@ -191,8 +189,7 @@ prof, res, cache, out = sys.argv[1:5]
 study = Study.open(prof, res, cache)
 facts = data.to_frame(data.load_counterfact(conftest.SAMPLE_COUNTERFACT)).head(5)
 ex = scaleout.RayExecutor(ExecutorConfig(kind="ray", workers=1, facts_per_unit=1), WorkerSpec(prof, res, cache))
-cfg = sweep.CellConfig("ft1", "ei", [0, 1], __import__("helpers").editing.load_hparams("world", "ft1", "ei"),
-                       sigma=0.5, batch_size=1)
+cfg = sweep.CellConfig("ft1", "ei", [0, 1], editing.load_hparams("world", "ft1", "ei"), sigma=0.5, batch_size=1)
 from pathlib import Path
 sweep.run_cell(study.model, study.tok, facts, cfg, Path(out), Path(res), executor=ex)
 """
@@ -251,13 +248,14 @@ def test_a_pool_larger_than_the_cluster_shrinks_to_fit(standin, tmp_path, caplog
     _, study, facts = standin
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ex = _executor(standin, workers=int(ray.cluster_resources()["CPU"]) + 3)
+    cpus = int(ray.cluster_resources()["CPU"])
+    ex = _executor(standin, workers=cpus + 3)
     try:
         with caplog.at_level("WARNING"):
             table = tracing.trace_facts(study.model, study.tok, facts.head(3), kinds=["mlp"], windows=[1], sigma=0.5,
                                         n_samples=2, executor=ex)
-        assert len(ex._actors) == int(ray.cluster_resources()["CPU"])
+        assert len(ex._actors) == cpus
     finally:
         ex.close()
-    assert "holds 2 of the 5 workers" in caplog.text
+    assert f"holds {cpus} of the {cpus + 3} workers" in caplog.text
     assert set(table["case_id"]) == set(facts.head(3)["case_id"])

@@ -26,7 +26,7 @@ from typing import Any
 from .book_build import _prepare_for_book, build_book, executed_key, write_toc
 from .progress import ENV, LOG_ENV, StatusLine
 from .integrity import content_record as _record
-from .tables import OUTPUTS_ENV, atomic_path
+from .tables import OUTPUTS_ENV, atomic_path, remove_stale_temporaries
 from .profile_loader import (
     DEFAULTS,
     PACKAGE_DIR,
@@ -193,8 +193,6 @@ def _run(
     out_dir.mkdir(parents=True, exist_ok=True)
     res = results_dir(profile, results_root)
     (res / ".stages").mkdir(parents=True, exist_ok=True)
-    from .tables import remove_stale_temporaries
-
     # what a killed run was writing: every temporary in this results folder (its lock is ours), and in the
     # shared cache those whose writer is gone
     stale_tmp = remove_stale_temporaries(res, everything=True) + remove_stale_temporaries(cache_dir())

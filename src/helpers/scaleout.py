@@ -28,7 +28,7 @@ import logging
 import os
 import signal
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -212,7 +212,9 @@ class RayExecutor:
                 result = ray.get(ref)
             except RayActorError as err:
                 log.error("%s unit %d lost: its worker died %d times", task, index, self.config.retries + 1)
-                self._actors[self._actors.index(actor)] = self._new_actor()
+                replacement = self._new_actor()  # the pool keeps its size for the units still to run
+                self._actors[self._actors.index(actor)] = replacement
+                idle.append(replacement)
                 failure = failure or UnitLost(f"{task} unit {index}: its worker died {self.config.retries + 1} "
                                               f"times ({type(err).__name__}); finished units are saved, run again "
                                               "to resume")
@@ -238,22 +240,3 @@ class RayExecutor:
         for a in self._actors:
             ray.kill(a)
         self._actors = []
-
-
-def chunks(items: Sequence, size: int) -> list[list]:
-    """``items`` in consecutive chunks of ``size``."""
-    size = max(1, int(size))
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
-def describe(config: ExecutorConfig) -> str:
-    """One line for logs and pages: the executor and its pool."""
-    if config.kind == "local":
-        return "local (this process)"
-    gpus = f", {config.gpus_per_worker:g} GPU each" if config.gpus_per_worker else ""
-    return (f"Ray at {config.address or 'a local cluster'}: {config.workers} workers x "
-            f"{config.threads_per_worker} threads{gpus}")
-
-
-def config_dict(config: ExecutorConfig) -> dict:
-    return asdict(config)

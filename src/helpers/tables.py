@@ -151,7 +151,10 @@ def remove_stale_temporaries(folder: str | Path, everything: bool = False) -> li
         m = _WRITER_PID.search(name)
         pid = int(m.group(1) or m.group(2)) if m else None
         if everything or (pid is not None and pid != os.getpid() and not _alive(pid)):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed.append(p)
     if removed:
         log.info("removed %d temporary files left by interrupted writers under %s", len(removed), folder)

@@ -238,11 +238,11 @@ def trace_facts(
     if len(todo) < len(facts):
         log.info("%s: %d of %d facts already traced", checkpoint, len(facts) - len(todo), len(facts))
     if executor is not None:
+        per = executor.config.facts_per_unit or 4
+        kw = dict(kinds=list(kinds), windows=list(windows), sigma=sigma, n_samples=n_samples, seed=seed,
+                  method=method, on_missing=on_missing, max_rows=max_rows, tokens=tokens)
+        units = [(todo.iloc[i : i + per], kw) for i in range(0, len(todo), per)]
         bar = tqdm(total=len(todo), desc="tracing", disable=not progress)
-        units = [(todo.iloc[i : i + (executor.config.facts_per_unit or 4)],
-                  dict(kinds=list(kinds), windows=list(windows), sigma=sigma, n_samples=n_samples, seed=seed,
-                       method=method, on_missing=on_missing, max_rows=max_rows, tokens=tokens))
-                 for i in range(0, len(todo), executor.config.facts_per_unit or 4)]
 
         def write(index: int, result) -> None:
             rows, skip = result
@@ -253,19 +253,19 @@ def trace_facts(
 
         executor.map("trace", units, write)
         bar.close()
-        todo = todo.iloc[:0]
-    for r in tqdm(todo.itertuples(index=False), total=len(todo), desc="tracing", disable=not progress):
-        try:
-            frames.append(
-                trace_fact(model, tok, r.prompt, r.subject, r.target_true, kinds, windows, sigma, r.case_id,
-                           n_samples, seed, method, max_rows, tokens=tokens)
-            )
-        except SubjectNotFoundError as err:
-            if on_missing == "raise":
-                raise
-            log.warning("skipping: %s", err)
-            skipped.append(r.case_id)
-        saved.maybe_write(frames, skipped)
+    else:
+        for r in tqdm(todo.itertuples(index=False), total=len(todo), desc="tracing", disable=not progress):
+            try:
+                frames.append(
+                    trace_fact(model, tok, r.prompt, r.subject, r.target_true, kinds, windows, sigma, r.case_id,
+                               n_samples, seed, method, max_rows, tokens=tokens)
+                )
+            except SubjectNotFoundError as err:
+                if on_missing == "raise":
+                    raise
+                log.warning("skipping: %s", err)
+                skipped.append(r.case_id)
+            saved.maybe_write(frames, skipped)
     saved.maybe_write(frames, skipped, force=True)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TABLE_COLUMNS)
     order = {c: i for i, c in enumerate(facts["case_id"])}  # resumed or not: the facts' order

@@ -126,7 +126,7 @@ def _optimize_deltas(
             edit_pos = pos - sp.cut if sp is not None else pos
             scored = sp.batch if sp is not None else batch
             kl_at = [(j * per + n, pos_list[j * per + n] - cuts[j * per + n]) for j in range(len(ks))]
-            with hooks.trace(model, name, edit=hooks.add_at_positions(d_rows, edit_pos), retain_output=it == 0) \
+            with hooks.trace(model, name, edit=hooks.add_at_positions(d_rows, edit_pos), retain_output=it == 0 and primed.get(id(batch)) is None) \
                     as tr, hooks.reuse_below(model, layer, below, record=reuse) as rb, \
                     scoring.scored_logits(model, scored, extra=kl_at) as sc:
                 if sp is not None:
@@ -149,9 +149,9 @@ def _optimize_deltas(
                 if k in failed:
                     continue
                 r0 = j * per
-                if it == 0:
+                if it == 0:  # the module's output before any update: the graph-free first pass's, if one ran
                     first = primed.get(id(batch))
-                    first = first if first is not None else tr.outputs[name]
+                    first = tr.outputs[name] if first is None else first
                     v_init[k] = first[r0, pos_list[r0]].detach().float().clone()
                 lps = row_lps[r0 : r0 + n]
                 nll = torch.stack([-lp.mean() for lp in lps]).mean()
