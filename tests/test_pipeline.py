@@ -19,8 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_profiles_load_and_unknown_keys_rejected(tmp_path):
-    assert {"smoke", "default", "gpt2-xl", "gpt-j"} <= set(pipeline.list_profiles())
-    prof = pipeline.load_profile("default")
+    assert {"smoke", "default", "quick", "world", "smollm2", "gpt2-xl", "gpt-j"} <= set(pipeline.list_profiles())
+    book = pipeline.load_profile("default")  # the book: the real model first, then the world
+    assert book.is_book and list(book.study_profiles()) == ["smollm2", "world"]
+    assert list(pipeline.load_profile("quick").study_profiles()) == ["smollm2", "world"]
+    prof = book.study_profiles()["world"]
     assert prof.uses_world and prof.tracing["windows"] == [1, 3, 5, 10]
     assert prof.editing["methods"] == ["ft1", "ft5", "rome", "memit"]
     bad = tmp_path / "bad.yaml"
@@ -44,7 +47,57 @@ def test_editing_stage_is_expanded_per_method_and_problem():
                      "04_localization_vs_editing", "05_five_problems", "06_robustness", "07_explorer"]
 
 
-def _standin_profile(tmp_path: Path, model_dir: Path) -> Path:
+def test_book_profiles_validate_their_studies(tmp_path):
+    bad = tmp_path / "b.yaml"
+    bad.write_text("name: b\nstudies: {x: smoke}\nmodel: gpt2\n")
+    with pytest.raises(ValueError, match="sets only .* belong in its studies"):
+        pipeline.load_profile(bad)
+    bad.write_text("name: b\nstudies: [smoke]\n")
+    with pytest.raises(ValueError, match="must map study names"):
+        pipeline.load_profile(bad)
+    bad.write_text("name: b\nstudies: {x: nope}\n")
+    with pytest.raises(FileNotFoundError, match="no profile 'nope'"):
+        pipeline.load_profile(bad)
+    (tmp_path / "inner.yaml").write_text("name: inner\nstudies: {a: smoke}\n")
+    bad.write_text("name: b\nstudies: {x: inner.yaml}\n")
+    with pytest.raises(ValueError, match="itself a book"):
+        pipeline.load_profile(bad)
+
+
+def test_book_stages_run_per_study_and_one_study_never_reruns_another(tmp_path):
+    """A book of two studies: 00-03 once per study (named by study, each into its own results folder), the
+    chapters once with every study's folders; a stage's key depends on its own study's stages only."""
+    for name, facts in (("s1", 4), ("s2", 3)):
+        (tmp_path / f"{name}.yaml").write_text((pipeline.profiles_dir() / "smoke.yaml").read_text()
+                                               .replace("name: smoke", f"name: {name}\nlabel: Study {name}")
+                                               .replace("facts: 4", f"facts: {facts}"))
+    book = tmp_path / "book.yaml"
+    book.write_text("name: pair\nstudies: {one: s1.yaml, two: s2.yaml}\n")
+    prof = pipeline.load_profile(book)
+    todo = pipeline.stages(prof, ROOT)
+    names = [s.name for s in todo]
+    assert names[:5] == ["00_world__one", "00_world__two", "01_data__one", "01_data__two", "02_tracing__one"]
+    assert "03_editing__two__rome__ff" in names and names[-4:] == [
+        "04_localization_vs_editing", "05_five_problems", "06_robustness", "07_explorer"]
+    cell = todo[names.index("03_editing__two__rome__ff")]
+    assert cell.title == "ROME × Fact Forcing · Study s2"
+    keys = dict(zip(names, pipeline._keys(todo, prof, tmp_path / "res" / "pair", tmp_path / "res", "src")))
+    assert keys["01_data__two"][0]["results_dir"] == str(tmp_path / "res" / "pair" / "two")
+    assert keys["01_data__two"][0]["profile"] == str(tmp_path / "s2.yaml")
+    chapter = keys["05_five_problems"][0]
+    assert chapter["studies"] == {"one": {"profile": str(tmp_path / "s1.yaml"), "results_dir": str(tmp_path / "res" / "pair" / "one")},
+                                  "two": {"profile": str(tmp_path / "s2.yaml"), "results_dir": str(tmp_path / "res" / "pair" / "two")}}
+    # change study two: its stages and the chapters get new keys, study one's keep theirs
+    (tmp_path / "s2.yaml").write_text((tmp_path / "s2.yaml").read_text().replace("facts: 3", "facts: 2"))
+    prof2 = pipeline.load_profile(book)
+    todo2 = pipeline.stages(prof2, ROOT)
+    keys2 = dict(zip(names, pipeline._keys(todo2, prof2, tmp_path / "res" / "pair", tmp_path / "res", "src")))
+    for n in names:
+        same = keys[n][1] == keys2[n][1]
+        assert same == ("__one" in n), n
+
+
+def _standin_profile(tmp_path: Path, model_dir: Path, name: str = "standin", **over) -> Path:
     recs = json.loads(SAMPLE_COUNTERFACT.read_text())
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"]) + " "
@@ -62,7 +115,10 @@ def _standin_profile(tmp_path: Path, model_dir: Path) -> Path:
                     "corpus": str(corpus), "stats_tokens": 400},
         "analysis": {"n_boot": 5},
     }
-    path = tmp_path / "standin.yaml"
+    prof["name"] = name
+    for section, values in over.items():
+        prof[section] = {**prof[section], **values} if isinstance(values, dict) else values
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(prof))
     return path
 
@@ -129,9 +185,14 @@ def test_failing_notebook_reports_cell_error_and_partial_path(tmp_path, model_di
 
 @pytest.fixture(scope="module")
 def standin_book(tmp_path_factory, model_dirs):
-    """The whole pipeline on a local stand-in (tiny random GPT-2 folder + official-schema fixture), built."""
+    """The whole pipeline on a book of two local stand-ins (tiny random GPT-2 and Llama folders + the
+    official-schema fixture), built: the shape of the default book (a real model beside another study)."""
     tmp_path = tmp_path_factory.mktemp("standin")
-    profile = _standin_profile(tmp_path, model_dirs["gpt2"])
+    _standin_profile(tmp_path, model_dirs["gpt2"], label="Stand-in GPT-2")
+    _standin_profile(tmp_path, model_dirs["llama"], name="standin-llama", label="Stand-in Llama",
+                     editing={"methods": ["rome"], "problems": ["ei"], "layers": [0, 1]})
+    profile = tmp_path / "pair.yaml"
+    profile.write_text("name: pair\nstudies: {gpt2: standin.yaml, llama: standin-llama.yaml}\n")
     book = _copy_book(tmp_path)
     report = pipeline.run(profile, book_dir=book, root=ROOT, results_root=tmp_path / "results", jobs=2)
     html = pipeline.build_book(book)
@@ -140,20 +201,32 @@ def standin_book(tmp_path_factory, model_dirs):
 
 @pytest.mark.slow
 def test_book_builds_with_glued_number(standin_book):
+    import pandas as pd
+
     tmp_path, report, html = standin_book
     names = [r["stage"] for r in report]
-    assert names[:2] == ["01_data", "02_tracing"] and "03_editing__ft1__ff" in names and names[-1] == "07_explorer"
-    edits = __import__("pandas").read_parquet(tmp_path / "results" / "standin" / "edits" / "rome__ff.parquet")
+    assert names[:3] == ["01_data__gpt2", "01_data__llama", "02_tracing__gpt2"] and names[-1] == "07_explorer"
+    assert "03_editing__gpt2__ft1__ff" in names and "03_editing__llama__rome__ei" in names
+    res = tmp_path / "results" / "pair"
+    edits = pd.read_parquet(res / "gpt2" / "edits" / "rome__ff.parquet")
     assert len(edits) == 3 * 2 and (edits["status"] == "ok").all()
-    for page in ["executed/02_tracing", "executed/03_editing__rome__ff", "executed/05_five_problems", "discussion"]:
+    assert sorted(p.name for p in (res / "llama" / "edits").glob("*.parquet")) == ["rome__ei.parquet"]
+    for page in ["executed/02_tracing__gpt2", "executed/02_tracing__llama", "executed/03_editing__gpt2__rome__ff",
+                 "executed/05_five_problems", "discussion"]:
         assert (html / f"{page}.html").exists(), page
-    assert "ROME × Fact Forcing" in (html / "executed/03_editing__rome__ff.html").read_text()
+    assert "ROME × Fact Forcing · Stand-in GPT-2" in (html / "executed/03_editing__gpt2__rome__ff.html").read_text()
+    assert "Causal Tracing · Stand-in Llama" in (html / "executed/02_tracing__llama.html").read_text()
     assert (html / "index.html").exists()
-    index = (html / "intro.html").read_text()
-    facts = __import__("pandas").read_parquet(tmp_path / "results" / "standin" / "facts.parquet")
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", (html / "intro.html").read_text()))
+    facts = pd.read_parquet(res / "gpt2" / "facts.parquet")  # the first study leads the introduction
     n_correct = int(facts["is_correct"].sum())
-    text = re.sub(r"<[^>]+>", "", index)
-    assert re.search(rf"completes\s+{n_correct}\s+of\s+5\s+candidate facts", text), text[:3000]
+    assert re.search(rf"completes {n_correct} of 5 candidate facts", text), text[:3000]
+    table1 = pd.read_csv(res / "tables" / "table1.csv")  # both studies' Table 1, tidy
+    assert set(table1["study"]) == {"Stand-in GPT-2", "Stand-in Llama"}
+    lead = table1[(table1["study"] == "Stand-in GPT-2") & (table1["quantity"] == "r2_layer")]["value"].iloc[0]
+    assert f"R² = {lead:.3f}" in text
+    chapter = re.sub(r"<[^>]+>", "", (html / "executed/04_localization_vs_editing.html").read_text())
+    assert "Stand-in GPT-2" in chapter and "Stand-in Llama" in chapter and "GPT-J (paper)" in chapter
 
 
 @pytest.mark.slow
@@ -172,7 +245,7 @@ def test_every_page_renders_in_headless_chromium(standin_book):
     found = bookcheck.check_book(html)
     assert len(found) >= 10
     assert not {page: probs for page, probs in found.items() if probs}
-    tracing_page = (html / "executed" / "02_tracing.html").read_text()
+    tracing_page = (html / "executed" / "02_tracing__gpt2.html").read_text()
     assert tracing_page.count("<img") >= 2, "the tracing chapter shows its figures"
 
 

@@ -201,3 +201,21 @@ def test_to_frame_columns(recs):
     assert df.loc[0, "target_true"] == "French" and df.loc[0, "loc_answer"] == "Idina Menzel"
     assert df.loc[0, "neighborhood_prompts"] == [recs[0].loc_prompt]
     assert df.loc[0, "prompt"].format(df.loc[0, "subject"]) == recs[0].record.requested_rewrite.filled
+
+
+def test_a_profile_names_a_zsre_file_as_its_data(tmp_path):
+    """``data: zsre:<path>`` loads the file through the zsRE recipe into CounterFact records (the data stage's
+    loader), and the pre-flight size check counts its records; a malformed file names its bad records."""
+    from helpers import pipeline, profile_checks
+
+    recs = data.load_counterfact(f"{data.ZSRE_PREFIX}{SAMPLE}", n=3)
+    expected = [z.record for z in zsre.load_zsre(SAMPLE, n=3, check=False)]
+    assert recs == expected and len(recs) == 3
+    prompt = recs[0].requested_rewrite.prompt
+    assert prompt.startswith("Question: ") and prompt.endswith(" Answer:")
+    prof = tmp_path / "z.yaml"
+    prof.write_text(f"name: z\nmodel: gpt2\ndata: 'zsre:{SAMPLE}'\nn_records: 1000\n")
+    notes = profile_checks.preflight(pipeline.load_profile(prof))
+    assert any(f"holds {len(json.loads(SAMPLE.read_text()))} records" in n for n in notes)
+    with pytest.raises(zsre.ZsreDataError, match="record"):
+        data.load_counterfact(f"zsre:{MALFORMED}")

@@ -24,9 +24,10 @@ def executed_key(path: Path) -> str | None:
         return None
 
 
-def _prepare_for_book(path: Path, title: str | None, key: str = "") -> None:
+def _prepare_for_book(path: Path, title: str | None, key: str = "", suffix: str | None = None) -> None:
     """Make an executed notebook read like a chapter: code collapsed (``hide-input``), parameter cells removed
-    from the page, and (for editing cells) its first heading replaced by ``title``. Stores the stage ``key`` in
+    from the page, and (for editing cells) its first heading replaced by ``title``, or (for a study's page in a
+    book of several) `` · <suffix>`` appended to it. Stores the stage ``key`` in
     the notebook's metadata, so a page written by another profile's run is never taken for this one's."""
     import nbformat
 
@@ -38,11 +39,11 @@ def _prepare_for_book(path: Path, title: str | None, key: str = "") -> None:
             wanted = "remove-cell" if {"parameters", "injected-parameters"} & set(tags) else "hide-input"
             if wanted not in tags:
                 tags.append(wanted)
-    if title:
+    if title or suffix:
         for cell in nb.cells:
             if cell.cell_type == "markdown" and cell.source.startswith("# "):
-                _, _, rest = cell.source.partition("\n")
-                cell.source = f"# {title}\n{rest}"
+                first, _, rest = cell.source.partition("\n")
+                cell.source = f"# {title or first[2:].strip() + ' · ' + str(suffix)}\n{rest}"
                 break
     nbformat.write(nb, path)
 
@@ -59,6 +60,9 @@ def write_toc(book_dir: Path) -> Path:
     def clean(entries: list) -> list:
         out = []
         for e in entries:
+            f = e.get("file", "")
+            if f.startswith("executed/") and not exists(e):  # a per-study page: one per study, in the book's order
+                e = {**{k: v for k, v in e.items() if k != "file"}, "glob": f + "__*"}
             if "glob" in e:
                 out += [{"file": str(p.relative_to(book_dir).with_suffix(""))} for p in sorted(book_dir.glob(e["glob"] + ".ipynb"))]
                 continue

@@ -296,8 +296,20 @@ def fetch_official(cache_dir: Path | str, url: str = OFFICIAL_URL, sha256: str |
     return dest
 
 
+#: A profile's ``data: zsre:<path>`` names a zsRE evaluation file (App. B, Table 8).
+ZSRE_PREFIX = "zsre:"
+
+
 def load_counterfact(source: str | Path, n: int | None = None, cache_dir: Path | str = ".cache") -> list[Record]:
-    """Load records from a local JSON file, a folder holding counterfact.json, or "official" (download)."""
+    """Load records from a local JSON file, a folder holding counterfact.json, "official" (download), or
+    ``"zsre:<path>"``: a file in the schema of zsRE's ``zsre_mend_eval.json`` (:func:`helpers.zsre.load_zsre`),
+    each question made a CounterFact record (SCIENCE.md §1.4)."""
+    if str(source).startswith(ZSRE_PREFIX):
+        from .zsre import load_zsre
+
+        records = [z.record for z in load_zsre(str(source)[len(ZSRE_PREFIX):], n=n)]
+        log.info("loaded %d zsRE records as CounterFact records", len(records))
+        return records
     if str(source) == "official":
         path = fetch_official(cache_dir)
     else:

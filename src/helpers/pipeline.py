@@ -48,36 +48,56 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------- stages
 
 
+# notebooks run once per study (their pages are the study's); the others are chapters that compare the studies
+PER_STUDY = ("00_", "01_", "02_", "03_")
+
+
 @dataclass
 class Stage:
     name: str  # also the executed notebook's stem
     notebook: Path
     params: dict[str, Any] = field(default_factory=dict)
     title: str | None = None  # replaces the executed copy's first heading (one page per editing cell)
+    study: str | None = None  # the study a per-study stage belongs to; None for a chapter comparing the studies
+    profile: Profile | None = None  # that study's profile
+    suffix: str | None = None  # appended to the first heading: which study a per-study page shows
 
 
 def stages(profile: Profile, root: Path | None = None) -> list[Stage]:
-    """The ordered stages of a profile: one per notebook, ``03_editing`` once per (method, problem)."""
+    """The ordered stages of a profile: one per notebook, ``03_editing`` once per (method, problem).
+
+    In a book of several studies (``studies``), the per-study notebooks (00-03) run once per study, named
+    ``<notebook>__<study>`` (``03_editing__<study>__<method>__<problem>``), and the chapters after them once."""
+    from .plots import METHOD_LABELS, PROBLEM_LABELS
+
     root = root or project_root()
     nb_dir = root / "notebooks"
+    studies = profile.study_profiles()
+    book = profile.is_book
     out: list[Stage] = []
     for nb in sorted(nb_dir.glob("[0-9][0-9]_*.ipynb")):
         stem = nb.stem
-        if stem.startswith("00_world") and not profile.uses_world:
+        if not stem.startswith(PER_STUDY):
+            wanted = None if book else profile.raw.get("stages")
+            if wanted is None or any(stem.startswith(str(w)) for w in wanted):
+                out.append(Stage(stem, nb))
             continue
-        wanted = profile.raw.get("stages")
-        if wanted is not None and not any(stem.startswith(str(w)) for w in wanted):
-            continue
-        if stem.startswith("03_editing"):
-            ed = profile.raw["editing"]
-            from .plots import METHOD_LABELS, PROBLEM_LABELS
-
-            for m in ed["methods"]:
-                for p in ed["problems"]:
-                    title = f"{METHOD_LABELS.get(m, m)} × {PROBLEM_LABELS.get(p, p)}"
-                    out.append(Stage(f"{stem}__{m}__{p}", nb, {"method": m, "problem": p}, title))
-        else:
-            out.append(Stage(stem, nb))
+        for study, prof in studies.items():
+            if stem.startswith("00_world") and not prof.uses_world:
+                continue
+            wanted = prof.raw.get("stages")
+            if wanted is not None and not any(stem.startswith(str(w)) for w in wanted):
+                continue
+            tag, suffix = (f"__{study}", prof.label) if book else ("", None)
+            if stem.startswith("03_editing"):
+                ed = prof.raw["editing"]
+                for m in ed["methods"]:
+                    for p in ed["problems"]:
+                        title = f"{METHOD_LABELS.get(m, m)} × {PROBLEM_LABELS.get(p, p)}"
+                        out.append(Stage(f"{stem}{tag}__{m}__{p}", nb, {"method": m, "problem": p},
+                                         f"{title} · {suffix}" if suffix else title, study, prof))
+            else:
+                out.append(Stage(f"{stem}{tag}", nb, {}, None, study, prof, suffix))
     return out
 
 
@@ -93,11 +113,14 @@ def source_hash() -> str:
 
 
 def _stage_key(stage: Stage, params: dict, profile: Profile, src: str, upstream: str) -> str:
-    """Content hash of everything a stage's output depends on."""
+    """Content hash of everything a stage's output depends on: its notebook, parameters, profile (a per-study
+    stage: its study's; a chapter: the book's and every study's), the ``helpers`` source and ``upstream``."""
     h = hashlib.sha256()
     h.update(stage.notebook.read_bytes())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
-    h.update(profile.path.read_bytes())
+    profiles = [stage.profile] if stage.profile is not None else [profile, *profile.study_profiles().values()]
+    for prof in dict.fromkeys(p.path for p in profiles):
+        h.update(prof.read_bytes())
     h.update(src.encode())
     h.update(upstream.encode())
     return h.hexdigest()
@@ -149,7 +172,7 @@ def _execute(st: Stage, params: dict, dest: Path, root: Path, key: str = "", log
             f"stage {st.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
             f"partial notebook: {dest}{where}"
         ) from None
-    _prepare_for_book(dest, st.title, key)
+    _prepare_for_book(dest, st.title, key, st.suffix)
 
 
 def run(
@@ -207,25 +230,20 @@ def _run(
         p.unlink()
     if stale:
         print(f"[pipeline] removed {len(stale)} executed notebooks that are not stages of {profile.name}", flush=True)
-    if jobs > 1 and profile.raw["executor"]["kind"] != "local":
-        print(f"[pipeline] note: executor {profile.raw['executor']['kind']} spreads each stage over its workers; "
+    studies = profile.study_profiles()
+    remote = sorted({p.raw["executor"]["kind"] for p in studies.values()} - {"local"})
+    if jobs > 1 and remote:
+        print(f"[pipeline] note: executor {remote[0]} spreads each stage over its workers; "
               "stages run one at a time (--jobs 1)", flush=True)
         jobs = 1
     print(f"[pipeline] profile {profile.name}: {n} stages -> {out_dir} ({jobs} at a time where independent)", flush=True)
     from .profile_checks import preflight
 
-    for note in preflight(profile):  # sizes the data cannot fully provide; impossible ones raise here
-        print(f"[pipeline] note: {note}", flush=True)
+    for study, prof in studies.items():  # sizes the data cannot fully provide; impossible ones raise here
+        for note in preflight(prof):
+            print(f"[pipeline] note: {f'study {study}: ' if profile.is_book else ''}{note}", flush=True)
 
-    # Keys: each stage depends on every earlier stage of a *different* notebook.
-    keys, upstream, group_up, last_nb = [], "", "", None
-    for st in todo:
-        if st.notebook != last_nb:
-            group_up, last_nb = upstream, st.notebook
-        params = {"profile": str(profile.path), "results_dir": str(res), "cache_dir": str(cache_dir()), **st.params}
-        key = _stage_key(st, params, profile, src, group_up)
-        keys.append((params, key))
-        upstream = hashlib.sha256((upstream + key).encode()).hexdigest()
+    keys = _keys(todo, profile, res, results_root, src)
 
     logs = res / "logs"
     logs.mkdir(exist_ok=True)
@@ -236,6 +254,32 @@ def _run(
     with atomic_path(res / "timings.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     return report
+
+
+def _keys(todo: list[Stage], profile: Profile, res: Path, results_root: Path | None, src: str) -> list[tuple[dict, str]]:
+    """(parameters, key) of each stage. A per-study stage depends on every earlier stage of its study from a
+    *different* notebook (one study's change never re-runs another's); a chapter comparing the studies depends on
+    every earlier stage of a different notebook."""
+    studies = {
+        name: {"profile": str(prof.path), "results_dir": str(results_dir(profile, results_root, name if profile.is_book else None))}
+        for name, prof in profile.study_profiles().items()
+    }
+    keys: list[tuple[dict, str]] = []
+    lane_up: dict[str | None, str] = {}  # running hash of each study's stages (None: of every stage)
+    group_up: dict[tuple[str | None, Path], str] = {}  # what a (lane, notebook) group of stages depends on
+    for st in todo:
+        lane = st.study
+        group_up.setdefault((lane, st.notebook), lane_up.get(lane, ""))
+        if lane is None:
+            params = {"profile": str(profile.path), "results_dir": str(res), "studies": studies}
+        else:
+            params = dict(studies[lane])
+        params = {**params, "cache_dir": str(cache_dir()), **st.params}
+        key = _stage_key(st, params, profile, src, group_up[(lane, st.notebook)])
+        keys.append((params, key))
+        for ln in {lane, None}:
+            lane_up[ln] = hashlib.sha256((lane_up.get(ln, "") + key).encode()).hexdigest()
+    return keys
 
 
 def _read_stamp(stamp: Path) -> dict:

@@ -169,8 +169,9 @@ def te_scatter_by_layer(joined: pd.DataFrame, score: str = "rewrite", te: str = 
     return _done(fig)
 
 
-def r2_bars(table: pd.DataFrame, metric: str = "rewrite") -> plt.Figure:
-    """Fig. 6: per problem, stacked bars of R² of the layer model (blue) and the gain from adding tracing (orange)."""
+def r2_bars(table: pd.DataFrame, metric: str = "rewrite", title: str | None = None) -> plt.Figure:
+    """Fig. 6: per problem, stacked bars of R² of the layer model (blue) and the gain from adding tracing (orange);
+    ``title`` above the panels (e.g. the study)."""
     t = table[table["metric"] == metric]
     problems = [p for p in PROBLEM_LABELS if p in set(t["problem"])]
     methods = [m for m in METHOD_LABELS if m in set(t["method"])]
@@ -185,4 +186,6 @@ def r2_bars(table: pd.DataFrame, metric: str = "rewrite") -> plt.Figure:
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel(f"R² ({METRIC_LABELS.get(metric, metric).lower()})")
     axes[0][-1].legend(loc="upper right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
     return _done(fig)

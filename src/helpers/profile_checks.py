@@ -36,8 +36,9 @@ def data_records(profile: Profile) -> int | None:
         return OFFICIAL_RECORDS
     if data == "world":
         return None  # generated with the world model
+    path = str(data)[len("zsre:"):] if str(data).startswith("zsre:") else data
     try:
-        raw = json.loads(Path(data).read_text())
+        raw = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None  # the data stage reports a missing or malformed file with every problem in it
     return len(raw) if isinstance(raw, list) else None

@@ -44,7 +44,14 @@ DEFAULTS: dict[str, Any] = {
     "executor": {"kind": "local", "address": None, "workers": 2, "threads_per_worker": 1, "gpus_per_worker": 0,
                  "facts_per_unit": None, "layers_per_unit": None, "retries": 1},
     "stages": None,  # None = every notebook; else the stage-name prefixes to run, e.g. [01_data, 02_tracing]
+    "label": None,  # the study's name on pages, tables and figures (None = the profile's name)
+    # a *book* of several studies: {study name: profile name or path}. Each study runs the per-study stages
+    # (00-03) into results/<book>/<study>/; the chapters 04-07 run once and show the studies side by side.
+    "studies": None,
 }
+
+# the keys a book profile (one with ``studies``) may set; everything else belongs to its studies' profiles
+BOOK_KEYS = {"name", "description", "studies"}
 
 
 @dataclass
@@ -64,6 +71,26 @@ class Profile:
     @property
     def uses_world(self) -> bool:
         return self.raw["model"] == "world"
+
+    @property
+    def label(self) -> str:
+        """The study's display name (``label``, else the profile's name)."""
+        return str(self.raw.get("label") or self.name)
+
+    @property
+    def is_book(self) -> bool:
+        """True for a profile of several studies (``studies``)."""
+        return bool(self.raw.get("studies"))
+
+    def study_profiles(self) -> dict[str, "Profile"]:
+        """{study name: its profile}: the ``studies`` of a book profile, else {this profile's name: itself}."""
+        if not self.is_book:
+            return {self.name: self}
+        out = {}
+        for study, ref in self.raw["studies"].items():
+            cand = self.path.parent / str(ref)
+            out[str(study)] = load_profile(cand if cand.suffix in (".yaml", ".yml") and cand.exists() else ref)
+        return out
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -98,10 +125,32 @@ def load_profile(name_or_path: str | Path) -> Profile:
                 raise ValueError(f"profile {path}: unknown keys {sorted(bad)} in section {section!r}; "
                                  f"known: {sorted(DEFAULTS[section])}")
     merged = _merge(DEFAULTS, raw)
+    if raw.get("studies") is not None:
+        _check_book(path, raw)
     from .scaleout import ExecutorConfig
 
     ExecutorConfig.from_dict(merged["executor"], where=f"profile {path}: executor")  # bad values fail here
     return Profile(name=raw.get("name", path.stem), path=path.resolve(), raw=merged)
+
+
+def _check_book(path: Path, raw: dict) -> None:
+    """A book profile names its studies (a mapping of study names to profile names) and nothing else; a study
+    is a single-study profile."""
+    studies = raw["studies"]
+    if not isinstance(studies, dict) or not studies:
+        raise ValueError(f"profile {path}: studies must map study names to profile names, e.g. "
+                         "{smollm2: smollm2, world: world}")
+    extra = set(raw) - BOOK_KEYS
+    if extra:
+        raise ValueError(f"profile {path}: a book of studies sets only {sorted(BOOK_KEYS)}; {sorted(extra)} belong "
+                         "in its studies' profiles")
+    for study, ref in studies.items():
+        if not str(study).replace("-", "_").isidentifier():
+            raise ValueError(f"profile {path}: study name {study!r} must be a word (letters, digits, - and _)")
+        cand = path.parent / str(ref)
+        sub = load_profile(cand if cand.suffix in (".yaml", ".yml") and cand.exists() else ref)
+        if sub.is_book:
+            raise ValueError(f"profile {path}: study {study!r} is itself a book of studies ({sub.path})")
 
 
 def project_root() -> Path:
@@ -120,10 +169,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HELPERS_CACHE", project_root() / ".cache")).resolve()
 
 
-def results_dir(profile: Profile, results_root: Path | None = None) -> Path:
-    """``<results_root>/<profile>`` (default ``<root>/results``; env HELPERS_RESULTS overrides)."""
+def results_dir(profile: Profile, results_root: Path | None = None, study: str | None = None) -> Path:
+    """``<results_root>/<profile>`` (default ``<root>/results``; env HELPERS_RESULTS overrides); a study of a book
+    profile writes into ``<results_root>/<profile>/<study>``."""
     base = results_root or Path(os.environ.get("HELPERS_RESULTS", project_root() / "results"))
-    return (Path(base) / profile.name).resolve()
+    out = Path(base) / profile.name
+    if profile.is_book:
+        if study is None:
+            return out.resolve()
+        if study not in profile.raw["studies"]:
+            raise KeyError(f"profile {profile.name} has no study {study!r}; its studies: {list(profile.raw['studies'])}")
+        out = out / study
+    return out.resolve()
 
 
 def resolve_model(profile: Profile) -> str:

@@ -24,18 +24,39 @@ class Study:
     profile: pipeline.Profile
     results: Path
     cache: Path
-    model_path: str
-    model: nn.Module
-    tok: object
 
     @classmethod
-    def open(cls, profile: str, results_dir: str | Path, cache_dir: str | Path) -> "Study":
+    def open(cls, profile: str, results_dir: str | Path, cache_dir: str | Path, load: bool = True) -> "Study":
+        """The study of ``profile`` writing into ``results_dir``; ``load=False`` defers loading the model to the first
+        use of :attr:`model` (chapters that read only the tables)."""
         prof = pipeline.load_profile(profile)
-        path = pipeline.resolve_model(prof)
-        model, tok = models.load_model(path, device=prof.device)
         res = Path(results_dir)
         res.mkdir(parents=True, exist_ok=True)
-        return cls(prof, res, Path(cache_dir), path, model, tok)
+        study = cls(prof, res, Path(cache_dir))
+        if load:
+            study.model  # noqa: B018 (load now: a missing model fails at the top of the notebook)
+        return study
+
+    @property
+    def label(self) -> str:
+        """The study's display name (the profile's ``label``)."""
+        return self.profile.label
+
+    @functools.cached_property
+    def model_path(self) -> str:
+        return pipeline.resolve_model(self.profile)
+
+    @functools.cached_property
+    def _loaded(self) -> tuple[nn.Module, object]:
+        return models.load_model(self.model_path, device=self.profile.device)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._loaded[0]
+
+    @property
+    def tok(self):
+        return self._loaded[1]
 
     # ------------------------------------------------------------------ facts
     @functools.cached_property
@@ -151,6 +172,16 @@ class Study:
         from .editing import context_templates
 
         return context_templates(self.model, self.tok, cache_dir=self.cache)
+
+
+def open_studies(profile: str, results_dir: str | Path, cache_dir: str | Path,
+                 studies: dict[str, dict] | None = None) -> dict[str, Study]:
+    """The studies a chapter compares, by study name, in the book's order, models not loaded: ``studies`` as the
+    pipeline passes it ({name: {"profile": path, "results_dir": path}}), else the one study of ``profile``."""
+    if not studies:
+        prof = pipeline.load_profile(profile)
+        studies = {prof.name: {"profile": profile, "results_dir": results_dir}}
+    return {name: Study.open(s["profile"], s["results_dir"], cache_dir, load=False) for name, s in studies.items()}
 
 
 def effects_of(study: "Study", window: int | None = None, kind: str = "mlp", denominator: str = "code") -> pd.DataFrame:

@@ -1,0 +1,256 @@
+"""The chapters that compare studies: each study's tables in one object, side-by-side tables with 95% intervals
+beside the paper's GPT-J numbers, and the sentences that say where a study agrees with the paper.
+
+A book of several studies (a profile with ``studies``) runs tracing and editing once per study; chapters 04-07
+read every study's tables through :func:`load_tables` and show them side by side. Sentences comparing a study
+with the paper are generated here from the numbers (and unit-tested), so the prose cannot disagree with the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import analysis, paper, sweep, tables
+from .study import Study, effects_of
+
+log = logging.getLogger(__name__)
+
+PAPER_LABEL = "GPT-J (paper)"
+#: A gain in R² from adding tracing to layer below this reads as "tracing adds little" (the paper's largest
+#: gain over all 20 cells is 0.032, Fact Forcing with FT-5).
+SMALL_GAIN = 0.05
+#: Table 1's quantities: (column of :func:`helpers.analysis.regression_table`, row label).
+TABLE1_ROWS = (("r2_layer", "R² layer"), ("r2_trace", "R² tracing"), ("r2_both", "R² both"), ("diff", "added by tracing"))
+
+
+@dataclass
+class StudyTables:
+    """One study's tables as the comparing chapters use them (the study's model is not loaded).
+
+    ``eff``: per (case_id, layer) tracing effects at the study's analysis window (MLP); ``edits``: every edit
+    row of its sweep; ``joined``: edits with the tracing effect at the edit's central layer."""
+
+    name: str
+    study: Study
+    window: int
+    n_boot: int
+    eff: pd.DataFrame
+    edits: pd.DataFrame
+    joined: pd.DataFrame
+
+    @property
+    def label(self) -> str:
+        return self.study.label
+
+    @property
+    def results(self) -> Path:
+        return self.study.results
+
+    def cell(self, method: str, problem: str) -> pd.DataFrame:
+        """The joined rows of one (method, problem) cell (empty when the study did not run it)."""
+        j = self.joined
+        return j[(j["method"] == method) & (j["problem"] == problem)]
+
+    @property
+    def methods(self) -> list[str]:
+        return [m for m in paper.METHODS if m in set(self.joined["method"])]
+
+    @property
+    def problems(self) -> list[str]:
+        return [p for p in paper.PROBLEMS if p in set(self.joined["problem"])]
+
+
+def load_tables(studies: dict[str, Study]) -> dict[str, StudyTables]:
+    """Every study's tracing effects and edits, by study name (the book's order)."""
+    out = {}
+    for name, st in studies.items():
+        window = int(st.profile.analysis.get("window", 5))
+        eff = effects_of(st, window=window)
+        edits = sweep.load_edits(st.results)
+        out[name] = StudyTables(name, st, window, int(st.profile.analysis.get("n_boot", 200)), eff, edits,
+                                analysis.join_effects(edits, eff))
+    return out
+
+
+def ci_text(value: float, lo: float, hi: float, digits: int = 3) -> str:
+    """``"0.947 [0.930, 0.960]"``; ``"–"`` for a value that could not be computed; the interval is left out
+    when it is missing."""
+    if value is None or not np.isfinite(value):
+        return "–"
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def p_text(p: float) -> str:
+    """An F-test p-value as the chapters print it: ``"< 1e-4"`` below 1e-4, else two significant digits."""
+    if p is None or not np.isfinite(p):
+        return "–"
+    return "< 1e-4" if p < 1e-4 else f"{p:.2g}"
+
+
+def regression_row(joined: pd.DataFrame, metric: str = "rewrite", n_boot: int = 0, seed: int = 0) -> pd.Series:
+    """The three regressions (layer, tracing, both) of one cell's rows with bootstrap intervals over facts
+    (:func:`helpers.analysis.regression_table` without grouping); NaN statistics when the cell is empty."""
+    if joined.empty:
+        return pd.Series({k: np.nan for k, _ in TABLE1_ROWS} | {"p_value": np.nan, "n": 0, "n_facts": 0, "n_layers": 0})
+    return analysis.regression_table(joined, by=[], metrics=[metric], n_boot=n_boot, seed=seed).iloc[0]
+
+
+def table1_side_by_side(rows: dict[str, pd.Series], paper_row: pd.Series | None = None) -> pd.DataFrame:
+    """Table 1 as printed: one row per quantity (R² layer, tracing, both, added by tracing, F-test p, n), the
+    paper's column first, then one column per study (label -> :func:`regression_row`) with its 95% interval."""
+    index = [label for _, label in TABLE1_ROWS] + ["F-test p (both vs layer)", "edits (facts × layers)"]
+    cols = {}
+    if paper_row is not None:
+        cols[PAPER_LABEL] = [f"{paper_row[k]:.3f}" for k, _ in TABLE1_ROWS] + [
+            p_text(paper_row.get("p_value", np.nan)), f"{int(paper_row['n'])} × {paper.N_EDIT_LAYERS}"]
+    for label, r in rows.items():
+        cells = [ci_text(r[k], r.get(f"{k}_lo", np.nan), r.get(f"{k}_hi", np.nan)) for k, _ in TABLE1_ROWS]
+        n = f"{int(r['n_facts'])} × {int(r['n_layers'])}" if int(r.get("n", 0) or 0) else "–"
+        cols[label] = cells + [p_text(r["p_value"]), n]
+    return pd.DataFrame(cols, index=index)
+
+
+def tidy_regressions(rows: dict[str, pd.Series]) -> pd.DataFrame:
+    """The same numbers as a tidy table (one row per study × quantity: value, lo, hi) for the CSV."""
+    out = []
+    for label, r in rows.items():
+        for k, _ in TABLE1_ROWS:
+            out.append({"study": label, "quantity": k, "value": r[k], "lo": r.get(f"{k}_lo", np.nan),
+                        "hi": r.get(f"{k}_hi", np.nan)})
+        out.append({"study": label, "quantity": "p_value", "value": r["p_value"], "lo": np.nan, "hi": np.nan})
+    return pd.DataFrame(out)
+
+
+def gain_verdict(diff: float, hi: float, paper_diff: float) -> str:
+    """Whether a study's gain in R² from adding tracing agrees with the paper's, in words.
+
+    The paper's conclusion holds when the gain is small (below :data:`SMALL_GAIN`); where the interval is known
+    and reaches past it, the data cannot rule a larger gain out."""
+    if diff is None or not np.isfinite(diff):
+        return "the gain cannot be estimated here (the regressions are degenerate: too few facts or constant scores)"
+    if diff < SMALL_GAIN:
+        if hi is not None and np.isfinite(hi) and hi >= SMALL_GAIN:
+            return (f"small, as in the paper (+{paper_diff:.3f}), though the interval reaches {hi:.3f}: "
+                    "too few facts to rule out a larger gain")
+        return f"small, as in the paper (+{paper_diff:.3f}): tracing adds almost nothing to the layer"
+    return (f"larger than the paper's +{paper_diff:.3f}: here the tracing effect does carry information about "
+            "edit success beyond the layer")
+
+
+def table1_sentence(label: str, r: pd.Series, paper_row: pd.Series) -> str:
+    """One sentence per study: its Table 1 numbers against GPT-J's, with the verdict of :func:`gain_verdict`."""
+    if not int(r.get("n", 0) or 0):
+        return f"{label}: this study did not run ROME on Error Injection."
+    layer_first = np.isfinite(r["r2_layer"]) and np.isfinite(r["r2_trace"]) and r["r2_layer"] >= r["r2_trace"]
+    which = ("the layer explains far more than tracing, as in GPT-J" if layer_first else
+             "unlike in GPT-J, tracing alone explains at least as much as the layer")
+    return (f"{label}: R² {r['r2_layer']:.3f} (layer), {r['r2_trace']:.3f} (tracing), {r['r2_both']:.3f} (both) "
+            f"against GPT-J's {paper_row['r2_layer']:.3f} / {paper_row['r2_trace']:.3f} / {paper_row['r2_both']:.3f}; "
+            f"{which}. Adding tracing gains {ci_text(r['diff'], r.get('diff_lo', np.nan), r.get('diff_hi', np.nan))} "
+            f"(F-test p {p_text(r['p_value'])}): {gain_verdict(r['diff'], r.get('diff_hi', np.nan), paper_row['diff'])}.")
+
+
+def cells_side_by_side(regs: dict[str, pd.DataFrame], metric: str = "rewrite",
+                       paper_table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Tables 3-6 for several studies: one row per (problem, method) cell that some study ran, the paper's
+    R² layer / tracing / added first, then per study (label -> its :func:`helpers.analysis.regression_table`) the
+    same with the added R²'s 95% interval and the F-test p. Cells a study did not run are left empty ("")."""
+    paper_table = paper.regression_tables() if paper_table is None else paper_table
+    key = ["problem", "method"]
+    ran = pd.concat([r[r["metric"] == metric][key] for r in regs.values()], ignore_index=True).drop_duplicates()
+    order = {p: i for i, p in enumerate(paper.PROBLEMS)} | {m: i for i, m in enumerate(paper.METHODS)}
+    ran = ran.sort_values(key, key=lambda c: c.map(order)).reset_index(drop=True)
+    pt = paper_table[paper_table["metric"] == metric].set_index(key)
+    cols: dict[tuple[str, str], list[str]] = {}
+    for prob, meth in ran.itertuples(index=False):
+        pr = pt.loc[(prob, meth)] if (prob, meth) in pt.index else None
+        for q, k in (("R² layer", "r2_layer"), ("R² tracing", "r2_trace"), ("added", "diff")):
+            cols.setdefault((PAPER_LABEL, q), []).append("–" if pr is None else f"{pr[k]:.3f}")
+        for label, reg in regs.items():
+            r = reg[(reg["metric"] == metric) & (reg["problem"] == prob) & (reg["method"] == meth)]
+            r = r.iloc[0] if len(r) else None
+            get = (lambda k: np.nan) if r is None else (lambda k, r=r: r.get(k, np.nan))
+            cols.setdefault((label, "R² layer"), []).append("" if r is None else ci_text(get("r2_layer"), np.nan, np.nan))
+            cols.setdefault((label, "R² tracing"), []).append("" if r is None else ci_text(get("r2_trace"), np.nan, np.nan))
+            cols.setdefault((label, "added [95% CI]"), []).append(
+                "" if r is None else ci_text(get("diff"), get("diff_lo"), get("diff_hi")))
+            cols.setdefault((label, "F-test p"), []).append("" if r is None else p_text(get("p_value")))
+    index = pd.MultiIndex.from_tuples([(paper.PROBLEMS[p], paper.METHODS[m]) for p, m in ran.itertuples(index=False)],
+                                      names=["problem", "method"])
+    return pd.DataFrame(cols, index=index)
+
+
+def largest_gain(reg: pd.DataFrame, metric: str = "rewrite") -> pd.Series | None:
+    """The (problem, method) row of a regression table where adding tracing gains most R² (None when every
+    fit is degenerate)."""
+    valid = reg[(reg["metric"] == metric)].dropna(subset=["diff"])
+    return None if valid.empty else valid.loc[valid["diff"].idxmax()]
+
+
+def cell_name(problem: str, method: str) -> str:
+    """``"Fact Forcing with FT-5"``."""
+    return f"{paper.PROBLEMS.get(problem, problem)} with {paper.METHODS.get(method, method)}"
+
+
+#: GPT-J's parameter count (6B), for "a model N times smaller".
+GPT_J_PARAMS = 6.05e9
+
+
+def meaning_sentence(label: str, n_params: int, r: pd.Series) -> str:
+    """What a study's Table 1 means for the paper's conclusion, given the model's size against GPT-J's."""
+    size = f"a model {GPT_J_PARAMS / n_params:.0f} times smaller than GPT-J" if n_params < GPT_J_PARAMS else "this model"
+    diff, hi = r.get("diff", np.nan), r.get("diff_hi", np.nan)
+    if not np.isfinite(diff):
+        return f"For {label} the regressions are degenerate, so this run says nothing either way about {size}."
+    if diff < SMALL_GAIN and not (np.isfinite(hi) and hi >= SMALL_GAIN):
+        return (f"So on {size} the paper's conclusion holds: knowing where tracing localizes a fact adds almost "
+                "nothing to knowing the edit layer.")
+    if diff < SMALL_GAIN:
+        return (f"So on {size} the estimate agrees with the paper's conclusion, but the interval is too wide to "
+                "exclude a modest gain: more facts would settle it.")
+    return (f"So on {size} the paper's conclusion does not carry over as it stands: tracing adds {diff:.3f} R² "
+            "beyond the layer. Smaller models, 4-bit weights and different facts are candidate reasons (see the "
+            "discussion).")
+
+
+def last_subject_share(study: Study, window: int) -> float:
+    """Mean over facts of the share of the corrupted-to-clean gap that restoring the MLP outputs at the last
+    subject token recovers (the paper's denominator), at the best central layer (window ``window``)."""
+    from . import tracing
+
+    table = tables.read_table(study.results / "tracing.parquet")
+    eff = tracing.effects(table[(table["kind"] == "mlp") & (table["window"] == window)], denominator="paper")
+    return float(eff.groupby("layer")["subj_effect_fraction"].mean().max())
+
+
+def panels(n: int, width: float = 5.5, height: float = 3.8):
+    """A row of ``n`` axes (one per study), as (fig, list of axes)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def glue_keys(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    """``{prefix + key: value}`` with NaN for missing values (glue needs a number for every key)."""
+    return {f"{prefix}{k}": (float(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else np.nan)
+            for k, v in values.items()}
+
+
+def save_figure(fig, folder: Path, name: str):
+    """Save a chapter's figure as PNG and SVG into ``folder``; return it, closed, to be shown once."""
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tables.save_figure(fig, folder / f"{name}.png", dpi=130, bbox_inches="tight")
+    tables.save_figure(fig, folder / f"{name}.svg", bbox_inches="tight")
+    plt.close(fig)
+    return fig
