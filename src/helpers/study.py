@@ -177,10 +177,15 @@ class Study:
 def open_studies(profile: str, results_dir: str | Path, cache_dir: str | Path,
                  studies: dict[str, dict] | None = None) -> dict[str, Study]:
     """The studies a chapter compares, by study name, in the book's order, models not loaded: ``studies`` as the
-    pipeline passes it ({name: {"profile": path, "results_dir": path}}), else the one study of ``profile``."""
+    pipeline passes it ({name: {"profile": path, "results_dir": path}}), else those of ``profile`` (a book's
+    studies in ``<results_dir>/<study>``, or the one study of a single-study profile in ``results_dir``)."""
     if not studies:
         prof = pipeline.load_profile(profile)
-        studies = {prof.name: {"profile": profile, "results_dir": results_dir}}
+        if prof.is_book:
+            studies = {name: {"profile": str(sub.path), "results_dir": str(Path(results_dir) / name)}
+                       for name, sub in prof.study_profiles().items()}
+        else:
+            studies = {prof.name: {"profile": profile, "results_dir": results_dir}}
     return {name: Study.open(s["profile"], s["results_dir"], cache_dir, load=False) for name, s in studies.items()}
 
 
