@@ -52,6 +52,7 @@ def test_table1_sentence_says_where_a_study_disagrees():
     flip = comparison.table1_sentence("W", _row(r2_layer=0.1, r2_trace=0.3, diff=0.2, diff_hi=0.3), p1)
     assert "unlike in GPT-J, tracing alone explains at least as much" in flip and "larger than the paper's" in flip
     assert "did not run ROME" in comparison.table1_sentence("X", _row(n=0), p1)
+    assert "the fits are degenerate" in comparison.table1_sentence("D", _row(r2_layer=np.nan, r2_trace=np.nan), p1)
 
 
 def test_meaning_sentence_scales_the_model_and_reads_the_interval():

@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from helpers import pipeline
-from conftest import SAMPLE_COUNTERFACT
+from conftest import FIXTURES, SAMPLE_COUNTERFACT
+
+ZSRE_SAMPLE = FIXTURES / "zsre_sample.json"
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +191,8 @@ def standin_book(tmp_path_factory, model_dirs):
     official-schema fixture), built: the shape of the default book (a real model beside another study)."""
     tmp_path = tmp_path_factory.mktemp("standin")
     _standin_profile(tmp_path, model_dirs["gpt2"], label="Stand-in GPT-2")
-    _standin_profile(tmp_path, model_dirs["llama"], name="standin-llama", label="Stand-in Llama",
+    # the second study asks zsRE questions (fixture records in the official schema): the robustness chapter's Table 8
+    _standin_profile(tmp_path, model_dirs["llama"], name="standin-llama", label="Stand-in Llama", data=f"zsre:{ZSRE_SAMPLE}",
                      editing={"methods": ["rome"], "problems": ["ei"], "layers": [0, 1]})
     profile = tmp_path / "pair.yaml"
     profile.write_text("name: pair\nstudies: {gpt2: standin.yaml, llama: standin-llama.yaml}\n")
@@ -227,6 +230,10 @@ def test_book_builds_with_glued_number(standin_book):
     assert f"R² = {lead:.3f}" in text
     chapter = re.sub(r"<[^>]+>", "", (html / "executed/04_localization_vs_editing.html").read_text())
     assert "Stand-in GPT-2" in chapter and "Stand-in Llama" in chapter and "GPT-J (paper)" in chapter
+    zs = pd.read_parquet(res / "llama" / "facts.parquet")  # zsRE questions as CounterFact records
+    assert zs["prompt"].str.startswith("Question: ").all() and len(zs) == 5
+    table8 = pd.read_csv(res / "tables" / "table8.csv", header=[0, 1], index_col=0)  # only the zsRE study's
+    assert {c[0] for c in table8.columns} == {"GPT-J (paper)", "Stand-in Llama"}
 
 
 @pytest.mark.slow

@@ -149,9 +149,12 @@ def table1_sentence(label: str, r: pd.Series, paper_row: pd.Series) -> str:
     """One sentence per study: its Table 1 numbers against GPT-J's, with the verdict of :func:`gain_verdict`."""
     if not int(r.get("n", 0) or 0):
         return f"{label}: this study did not run ROME on Error Injection."
-    layer_first = np.isfinite(r["r2_layer"]) and np.isfinite(r["r2_trace"]) and r["r2_layer"] >= r["r2_trace"]
-    which = ("the layer explains far more than tracing, as in GPT-J" if layer_first else
-             "unlike in GPT-J, tracing alone explains at least as much as the layer")
+    if not (np.isfinite(r["r2_layer"]) and np.isfinite(r["r2_trace"])):
+        which = "the fits are degenerate"
+    elif r["r2_layer"] >= r["r2_trace"]:
+        which = "the layer explains far more than tracing, as in GPT-J"
+    else:
+        which = "unlike in GPT-J, tracing alone explains at least as much as the layer"
     return (f"{label}: R² {r['r2_layer']:.3f} (layer), {r['r2_trace']:.3f} (tracing), {r['r2_both']:.3f} (both) "
             f"against GPT-J's {paper_row['r2_layer']:.3f} / {paper_row['r2_trace']:.3f} / {paper_row['r2_both']:.3f}; "
             f"{which}. Adding tracing gains {ci_text(r['diff'], r.get('diff_lo', np.nan), r.get('diff_hi', np.nan))} "

@@ -205,8 +205,8 @@ def _run(
 ) -> list[dict]:
     """Execute the profile's stages in order; returns one dict per stage (stage, status, seconds).
 
-    Consecutive stages of one notebook (the editing cells) are independent of each other and run ``jobs`` at a
-    time, each kernel with ``cpu_count // jobs`` threads. A stage's key covers its notebook, parameters, the
+    The editing cells are independent of each other and run ``jobs`` at a time, each kernel with
+    ``cpu_count // jobs`` threads; every other stage runs alone with every core. A stage's key covers its notebook, parameters, the
     profile, the ``helpers`` source and the keys of every earlier stage of another notebook.
     """
     root = (root or project_root()).resolve()
@@ -373,7 +373,11 @@ def _execute_all(todo, keys, res, out_dir, root, force, only, jobs, status: Stat
                     continue
                 status.print(f"[pipeline] ({k + 1}/{n}) {st.name}: {damaged}; running it again")
             batch.append((k, st, params, key, stamp, dest))
-        width = max(1, min(jobs, len(batch)))
+        # The editing cells (many, of similar cost) share the cores; a notebook run once per study (data, tracing)
+        # runs one study at a time with every core: their costs differ too much (SmolLM2's tracing vs the world's)
+        # for a one-thread kernel each to finish together.
+        parallel = bool(batch) and batch[0][1].notebook.stem.startswith("03_editing")
+        width = max(1, min(jobs if parallel else 1, len(batch)))
         threads = str(max(1, (os.cpu_count() or 1) // width))
 
         def one(item):
