@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 # Re-exported: the public names of this module before it was split.
 from .book_build import _prepare_for_book, build_book, executed_key, write_toc
+from . import thread_budget
 from .progress import ENV, LOG_ENV, StatusLine
 from .integrity import content_record as _record
 from .tables import OUTPUTS_ENV, atomic_path, remove_stale_temporaries
@@ -380,17 +382,27 @@ def _execute_all(todo, keys, res, out_dir, root, force, only, jobs, status: Stat
         width = max(1, min(jobs if parallel else 1, len(batch)))
         threads = str(max(1, (os.cpu_count() or 1) // width))
 
+        running: list[Path] = []  # the thread-budget files of the kernels running now
+        budget_lock = threading.Lock()
+
+        def rebalance() -> None:  # every running kernel gets its share of the cores (thread_budget.follow)
+            for path, share in thread_budget.shares(running, os.cpu_count() or 1).items():
+                thread_budget.write(path, share)
+
         def one(item):
             k, st, params, key, stamp, dest = item
             stamp.unlink(missing_ok=True)
             label = f"({k + 1}/{n}) {st.name}"
             log_path, prog = res / "logs" / f"{st.name}.log", res / "logs" / f"{st.name}.progress.json"
-            listing = res / "logs" / f"{st.name}.outputs"
-            for p in (log_path, prog, listing):
+            listing, budget = res / "logs" / f"{st.name}.outputs", res / "logs" / f"{st.name}.threads"
+            for p in (log_path, prog, listing, budget):
                 p.unlink(missing_ok=True)
             env = {ENV: str(prog), LOG_ENV: str(log_path), OUTPUTS_ENV: str(listing)}
-            if width > 1:  # each of the concurrent kernels gets its share of the cores
-                env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+            if width > 1:  # each of the concurrent kernels gets its share of the cores, and more when one ends
+                env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **{thread_budget.ENV: str(budget)})
+                with budget_lock:
+                    running.append(budget)
+                    rebalance()
             status.print(f"[pipeline] {label}: running {st.notebook.name} ...")
             status.start(label, prog)
             t0 = time.perf_counter()
@@ -399,6 +411,11 @@ def _execute_all(todo, keys, res, out_dir, root, force, only, jobs, status: Stat
             finally:
                 status.stop(label)
                 prog.unlink(missing_ok=True)
+                if width > 1:
+                    with budget_lock:
+                        running.remove(budget)
+                        rebalance()
+                    budget.unlink(missing_ok=True)
             dt = time.perf_counter() - t0
             with atomic_path(stamp) as tmp:
                 tmp.write_text(json.dumps({"key": key, "seconds": dt, "outputs": _outputs(dest, listing)}))

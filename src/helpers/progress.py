@@ -44,6 +44,9 @@ class tqdm(_auto_tqdm):  # noqa: N801 (tqdm's own name, so that call sites read 
 
     def update(self, n: float | None = 1) -> bool | None:
         out = super().update(n)
+        from . import thread_budget
+
+        thread_budget.follow()  # a long stage takes up the cores another stage has freed
         if not self.disable and id(self) in tqdm._open:
             # a slow bar's every step is shown; fast ones at most once a second
             _relay(force=time.monotonic() - self._relayed_at >= RELAY_INTERVAL_S)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import hooks, models, scoring
+from .. import hooks, models, scoring, thread_budget
 from ..scoring import cache_of
 from ..suffix import SuffixPass
 from .base import EditError, EditRequest, fill, subject_ranges
@@ -95,6 +95,7 @@ def _optimize_deltas(
     kl_init: list[torch.Tensor | None] = [None] * K
     infos = [{"nll": [], "kl": [], "decay": [], "loss": [], "p_target": [], "updates": 0} for _ in range(K)]
     for it in range(steps):
+        thread_budget.follow()  # the stage runner may have freed a core
         losses: dict[int, torch.Tensor] = {}
         for ks, batch, pos, pos_list in passes:
             ks_ok = [k for k in ks if k not in failed]

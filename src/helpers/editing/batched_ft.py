@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import hooks, models, scoring
+from .. import hooks, models, scoring, thread_budget
 from .base import Edit, EditError, subject_ranges
 from .batched_input_noise import _noised
 from .batched_rows import _sub_batch
@@ -49,6 +49,7 @@ def _ft_many(model, tok, requests, layers, hp: FTHparams, noise, failed, method:
     pe.exact = True
     with _per_example(model, pe):
         for step in range(hp.num_steps):
+            thread_budget.follow()  # the stage runner may have freed a core
             active = [k for k in active if k not in failed]
             if not active:
                 break
