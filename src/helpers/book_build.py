@@ -135,11 +135,14 @@ def headline(book_dir: Path) -> str | None:
     for cell in nb.get("cells", []):
         for out in cell.get("outputs", []):
             name = out.get("metadata", {}).get("scrapbook", {}).get("name")
-            if name:
-                text = out.get("data", {}).get("text/plain", "")
+            if name:  # glue(display=False) stores the value under papermill's record mime type
+                data = out.get("data", {})
+                text = data.get("text/plain", data.get("application/papermill.record/text/plain", ""))
                 values[name] = "".join(text) if isinstance(text, list) else str(text)
-    if "max_diff" not in values:
+    try:
+        top = float(values["max_diff"])
+    except (KeyError, ValueError):
         return None
     cell = values.get("max_diff_cell", "").strip("'\"")
-    return (f"adding tracing to layer raises R^2 by at most {float(values['max_diff']):.3f}"
+    return (f"adding tracing to layer raises R^2 by at most {top:.3f}"
             + (f" ({cell})" if cell else "") + f"; the paper (GPT-J): at most {HEADLINES['max_diff']:.3f}")
