@@ -313,11 +313,11 @@ def test_killed_runs_recover_to_the_same_tables_and_book(standin_book, tmp_path)
     ref_root, _, _ = standin_book
     ref = faults.Folders(ref_root)
     got = faults.Folders(tmp_path / "faulted").make()
-    points = [faults.KillPoint("tracing", r"02_tracing: running", 1.0),
-              faults.KillPoint("editing cell", r"03_editing__rome__ei: running", 2.5),
+    points = [faults.KillPoint("tracing", r"02_tracing__gpt2: running", 1.0),
+              faults.KillPoint("editing cell", r"03_editing__gpt2__rome__ei: running", 2.5),
               faults.KillPoint("analysis", r"05_five_problems: running", 2.0),
               faults.KillPoint("book build", r"\[book\] jupyter-book build", 2.0)]
-    profile = str(ref_root / "standin.yaml")
+    profile = str(ref_root / "pair.yaml")
     kills = 0
     for point in points:
         out, killed = faults.run_book(got, profile, kill=point)
@@ -346,21 +346,24 @@ def test_tables_are_identical_across_runs_and_job_counts(standin_book, tmp_path)
     import pandas as pd
 
     ref_root, _, _ = standin_book
-    res = tmp_path / "results" / "standin"
-    shutil.copytree(ref_root / "results" / "standin", res)
-    for p in list((res / "edits").glob("*.parquet")) + list((res / "pre").glob("*.parquet")):
+    res = tmp_path / "results" / "pair"
+    shutil.copytree(ref_root / "results" / "pair", res)
+    for p in list(res.glob("*/edits/*.parquet")) + list(res.glob("*/pre/*.parquet")):
         p.unlink()
     book = _copy_book(tmp_path)
-    report = pipeline.run(ref_root / "standin.yaml", book_dir=book, root=ROOT, results_root=tmp_path / "results",
+    report = pipeline.run(ref_root / "pair.yaml", book_dir=book, root=ROOT, results_root=tmp_path / "results",
                           only=["03_"], jobs=1)
-    assert [r["status"] for r in report] == ["ran"] * 4
-    for sub in ("edits", "pre"):
-        for p in sorted((ref_root / "results" / "standin" / sub).glob("*.parquet")):
-            a, b = pd.read_parquet(p), pd.read_parquet(res / sub / p.name)
+    assert [r["status"] for r in report] == ["ran"] * 5  # 4 cells of the GPT-2 study, 1 of the Llama study
+    compared = 0
+    for study, sub in [(st, sub) for st in ("gpt2", "llama") for sub in ("edits", "pre")]:
+        for p in sorted((ref_root / "results" / "pair" / study / sub).glob("*.parquet")):
+            a, b = pd.read_parquet(p), pd.read_parquet(res / study / sub / p.name)
             volatile = faults.timing_columns(a)
             if not volatile:
-                assert p.read_bytes() == (res / sub / p.name).read_bytes(), p.name
+                assert p.read_bytes() == (res / study / sub / p.name).read_bytes(), p.name
             pd.testing.assert_frame_equal(a.drop(columns=volatile), b.drop(columns=volatile), check_exact=True)
+            compared += 1
+    assert compared == 5 + 3  # the edit tables of 5 cells; pre-edit tables of gpt2's 2 problems and llama's 1
 
 
 @pytest.mark.slow
@@ -381,7 +384,7 @@ def test_stages_on_a_ray_pool_equal_the_local_run(standin_book, tmp_path):
     report = pipeline.run(path, book_dir=_copy_book(tmp_path), root=ROOT, results_root=tmp_path / "results", jobs=2)
     assert [r["stage"] for r in report] == ["01_data", "02_tracing", "03_editing__rome__ei"]
     for table in ("tracing.parquet", "edits/rome__ei.parquet"):
-        a = pd.read_parquet(local_root / "results" / "standin" / table)
+        a = pd.read_parquet(local_root / "results" / "pair" / "gpt2" / table)
         b = pd.read_parquet(tmp_path / "results" / "standin" / table)
         a, b = (t.drop(columns=[c for c in ("seconds",) if c in t]) for t in (a, b))
         assert len(a) == len(b) and list(a.columns) == list(b.columns), table
