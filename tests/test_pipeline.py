@@ -230,7 +230,6 @@ def test_book_builds_with_glued_number(standin_book):
     assert f"R² = {lead:.3f}" in text
     from helpers.book_build import headline  # what `make book` prints at the end, read from the glued numbers
 
-    regs = pd.read_csv(res / "tables" / "regressions.csv")
     assert headline(tmp_path / "book").startswith("adding tracing to layer raises R^2 by at most ")
     chapter = re.sub(r"<[^>]+>", "", (html / "executed/04_localization_vs_editing.html").read_text())
     assert "Stand-in GPT-2" in chapter and "Stand-in Llama" in chapter and "GPT-J (paper)" in chapter

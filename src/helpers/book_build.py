@@ -26,8 +26,8 @@ def executed_key(path: Path) -> str | None:
 
 def _prepare_for_book(path: Path, title: str | None, key: str = "", suffix: str | None = None) -> None:
     """Make an executed notebook read like a chapter: code collapsed (``hide-input``), parameter cells removed
-    from the page, and (for editing cells) its first heading replaced by ``title``, or (for a study's page in a
-    book of several) `` · <suffix>`` appended to it. Stores the stage ``key`` in
+    from the page, its first heading replaced by ``title`` (editing cells) and `` · <suffix>`` appended to it
+    (a study's page in a book of several). Stores the stage ``key`` in
     the notebook's metadata, so a page written by another profile's run is never taken for this one's."""
     import nbformat
 
@@ -43,7 +43,8 @@ def _prepare_for_book(path: Path, title: str | None, key: str = "", suffix: str 
         for cell in nb.cells:
             if cell.cell_type == "markdown" and cell.source.startswith("# "):
                 first, _, rest = cell.source.partition("\n")
-                cell.source = f"# {title or first[2:].strip() + ' · ' + str(suffix)}\n{rest}"
+                heading = title or first[2:].strip()
+                cell.source = f"# {heading}{f' · {suffix}' if suffix else ''}\n{rest}"
                 break
     nbformat.write(nb, path)
 
@@ -61,7 +62,7 @@ def write_toc(book_dir: Path) -> Path:
         out = []
         for e in entries:
             f = e.get("file", "")
-            if f.startswith("executed/") and not exists(e):  # a per-study page: one per study, in the book's order
+            if f.startswith("executed/") and not exists(e):  # a per-study page: one per study, sorted by name
                 e = {**{k: v for k, v in e.items() if k != "file"}, "glob": f + "__*"}
             if "glob" in e:
                 out += [{"file": str(p.relative_to(book_dir).with_suffix(""))} for p in sorted(book_dir.glob(e["glob"] + ".ipynb"))]

@@ -9,7 +9,6 @@ with the paper are generated here from the numbers (and unit-tested), so the pro
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +55,6 @@ class StudyTables:
         """The joined rows of one (method, problem) cell (empty when the study did not run it)."""
         j = self.joined
         return j[(j["method"] == method) & (j["problem"] == problem)]
-
-    @property
-    def methods(self) -> list[str]:
-        return [m for m in paper.METHODS if m in set(self.joined["method"])]
 
     @property
     def problems(self) -> list[str]:
@@ -180,12 +175,11 @@ def cells_side_by_side(regs: dict[str, pd.DataFrame], metric: str = "rewrite",
         for label, reg in regs.items():
             r = reg[(reg["metric"] == metric) & (reg["problem"] == prob) & (reg["method"] == meth)]
             r = r.iloc[0] if len(r) else None
-            get = (lambda k: np.nan) if r is None else (lambda k, r=r: r.get(k, np.nan))
-            cols.setdefault((label, "R² layer"), []).append("" if r is None else ci_text(get("r2_layer"), np.nan, np.nan))
-            cols.setdefault((label, "R² tracing"), []).append("" if r is None else ci_text(get("r2_trace"), np.nan, np.nan))
-            cols.setdefault((label, "added [95% CI]"), []).append(
-                "" if r is None else ci_text(get("diff"), get("diff_lo"), get("diff_hi")))
-            cols.setdefault((label, "F-test p"), []).append("" if r is None else p_text(get("p_value")))
+            cells = (["", "", "", ""] if r is None else  # the study did not run this cell
+                     [ci_text(r["r2_layer"], np.nan, np.nan), ci_text(r["r2_trace"], np.nan, np.nan),
+                      ci_text(r["diff"], r.get("diff_lo", np.nan), r.get("diff_hi", np.nan)), p_text(r["p_value"])])
+            for q, v in zip(("R² layer", "R² tracing", "added [95% CI]", "F-test p"), cells):
+                cols.setdefault((label, q), []).append(v)
     index = pd.MultiIndex.from_tuples([(paper.PROBLEMS[p], paper.METHODS[m]) for p, m in ran.itertuples(index=False)],
                                       names=["problem", "method"])
     return pd.DataFrame(cols, index=index)
@@ -203,13 +197,10 @@ def cell_name(problem: str, method: str) -> str:
     return f"{paper.PROBLEMS.get(problem, problem)} with {paper.METHODS.get(method, method)}"
 
 
-#: GPT-J's parameter count (6B), for "a model N times smaller".
-GPT_J_PARAMS = 6.05e9
-
-
 def meaning_sentence(label: str, n_params: int, r: pd.Series) -> str:
     """What a study's Table 1 means for the paper's conclusion, given the model's size against GPT-J's."""
-    size = f"a model {GPT_J_PARAMS / n_params:.0f} times smaller than GPT-J" if n_params < GPT_J_PARAMS else "this model"
+    size = (f"a model {paper.GPT_J_PARAMS / n_params:.0f} times smaller than GPT-J" if n_params < paper.GPT_J_PARAMS
+            else "this model")
     diff, hi = r.get("diff", np.nan), r.get("diff_hi", np.nan)
     if not np.isfinite(diff):
         return f"For {label} the regressions are degenerate, so this run says nothing either way about {size}."
@@ -227,11 +218,9 @@ def meaning_sentence(label: str, n_params: int, r: pd.Series) -> str:
 def last_subject_share(study: Study, window: int) -> float:
     """Mean over facts of the share of the corrupted-to-clean gap that restoring the MLP outputs at the last
     subject token recovers (the paper's denominator), at the best central layer (window ``window``)."""
-    from . import tracing
+    from .tracing_effects import last_subject_by_layer
 
-    table = tables.read_table(study.results / "tracing.parquet")
-    eff = tracing.effects(table[(table["kind"] == "mlp") & (table["window"] == window)], denominator="paper")
-    return float(eff.groupby("layer")["subj_effect_fraction"].mean().max())
+    return float(last_subject_by_layer(tables.read_table(study.results / "tracing.parquet"), window).max())
 
 
 def panels(n: int, width: float = 5.5, height: float = 3.8):
@@ -240,12 +229,6 @@ def panels(n: int, width: float = 5.5, height: float = 3.8):
 
     fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
     return fig, list(axes[0])
-
-
-def glue_keys(prefix: str, values: dict[str, float]) -> dict[str, float]:
-    """``{prefix + key: value}`` with NaN for missing values (glue needs a number for every key)."""
-    return {f"{prefix}{k}": (float(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else np.nan)
-            for k, v in values.items()}
 
 
 def save_figure(fig, folder: Path, name: str):

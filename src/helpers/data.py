@@ -300,14 +300,20 @@ def fetch_official(cache_dir: Path | str, url: str = OFFICIAL_URL, sha256: str |
 ZSRE_PREFIX = "zsre:"
 
 
+def zsre_path(source: str | Path) -> str | None:
+    """The file a ``zsre:<path>`` data source names; None for any other source."""
+    s = str(source)
+    return s[len(ZSRE_PREFIX):] if s.startswith(ZSRE_PREFIX) else None
+
+
 def load_counterfact(source: str | Path, n: int | None = None, cache_dir: Path | str = ".cache") -> list[Record]:
     """Load records from a local JSON file, a folder holding counterfact.json, "official" (download), or
     ``"zsre:<path>"``: a file in the schema of zsRE's ``zsre_mend_eval.json`` (:func:`helpers.zsre.load_zsre`),
     each question made a CounterFact record (SCIENCE.md §1.4)."""
-    if str(source).startswith(ZSRE_PREFIX):
+    if zsre_path(source) is not None:
         from .zsre import load_zsre
 
-        records = [z.record for z in load_zsre(str(source)[len(ZSRE_PREFIX):], n=n)]
+        records = [z.record for z in load_zsre(zsre_path(source), n=n)]
         log.info("loaded %d zsRE records as CounterFact records", len(records))
         return records
     if str(source) == "official":

@@ -37,6 +37,8 @@ METRICS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood", "overall")
 N_POINTS: int = 652
 N_FACT_ERASURE: int = 489
 N_CONCENTRATED: int = 74
+#: GPT-J's parameter count (GPT-J-6B: 6.05 billion), for "a model N times smaller than GPT-J".
+GPT_J_PARAMS: float = 6.05e9
 #: GPT-J's central layers edited per fact (0-idx {0, 4, 8, 12, 16, 20, 24, 27} plus {5}, SCIENCE.md §5).
 N_EDIT_LAYERS: int = 9
 

@@ -263,7 +263,7 @@ def _keys(todo: list[Stage], profile: Profile, res: Path, results_root: Path | N
     *different* notebook (one study's change never re-runs another's); a chapter comparing the studies depends on
     every earlier stage of a different notebook."""
     studies = {
-        name: {"profile": str(prof.path), "results_dir": str(results_dir(profile, results_root, name if profile.is_book else None))}
+        name: {"profile": str(prof.path), "results_dir": str(results_dir(profile, results_root, name))}
         for name, prof in profile.study_profiles().items()
     }
     keys: list[tuple[dict, str]] = []

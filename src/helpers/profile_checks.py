@@ -36,7 +36,9 @@ def data_records(profile: Profile) -> int | None:
         return OFFICIAL_RECORDS
     if data == "world":
         return None  # generated with the world model
-    path = str(data)[len("zsre:"):] if str(data).startswith("zsre:") else data
+    from .data import zsre_path
+
+    path = zsre_path(data) or data
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, ValueError):

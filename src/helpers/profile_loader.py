@@ -4,7 +4,7 @@ to: the project, cache and results folders, the model and the CounterFact data i
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ class Profile:
     name: str
     path: Path
     raw: dict[str, Any]
+    studies_loaded: dict[str, "Profile"] = field(default_factory=dict, repr=False)  # a book's study profiles
 
     def __getattr__(self, key: str) -> Any:
         raw = self.__dict__.get("raw", {})
@@ -84,13 +85,7 @@ class Profile:
 
     def study_profiles(self) -> dict[str, "Profile"]:
         """{study name: its profile}: the ``studies`` of a book profile, else {this profile's name: itself}."""
-        if not self.is_book:
-            return {self.name: self}
-        out = {}
-        for study, ref in self.raw["studies"].items():
-            cand = self.path.parent / str(ref)
-            out[str(study)] = load_profile(cand if cand.suffix in (".yaml", ".yml") and cand.exists() else ref)
-        return out
+        return self.studies_loaded if self.is_book else {self.name: self}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -125,17 +120,16 @@ def load_profile(name_or_path: str | Path) -> Profile:
                 raise ValueError(f"profile {path}: unknown keys {sorted(bad)} in section {section!r}; "
                                  f"known: {sorted(DEFAULTS[section])}")
     merged = _merge(DEFAULTS, raw)
-    if raw.get("studies") is not None:
-        _check_book(path, raw)
+    studies = _load_studies(path, raw) if raw.get("studies") is not None else {}
     from .scaleout import ExecutorConfig
 
     ExecutorConfig.from_dict(merged["executor"], where=f"profile {path}: executor")  # bad values fail here
-    return Profile(name=raw.get("name", path.stem), path=path.resolve(), raw=merged)
+    return Profile(name=raw.get("name", path.stem), path=path.resolve(), raw=merged, studies_loaded=studies)
 
 
-def _check_book(path: Path, raw: dict) -> None:
-    """A book profile names its studies (a mapping of study names to profile names) and nothing else; a study
-    is a single-study profile."""
+def _load_studies(path: Path, raw: dict) -> dict[str, Profile]:
+    """A book profile's studies, loaded: it names them (study name -> a profile name, or a YAML path next to the
+    book's file) and nothing else; each study is a single-study profile."""
     studies = raw["studies"]
     if not isinstance(studies, dict) or not studies:
         raise ValueError(f"profile {path}: studies must map study names to profile names, e.g. "
@@ -144,6 +138,7 @@ def _check_book(path: Path, raw: dict) -> None:
     if extra:
         raise ValueError(f"profile {path}: a book of studies sets only {sorted(BOOK_KEYS)}; {sorted(extra)} belong "
                          "in its studies' profiles")
+    out = {}
     for study, ref in studies.items():
         if not str(study).replace("-", "_").isidentifier():
             raise ValueError(f"profile {path}: study name {study!r} must be a word (letters, digits, - and _)")
@@ -151,6 +146,8 @@ def _check_book(path: Path, raw: dict) -> None:
         sub = load_profile(cand if cand.suffix in (".yaml", ".yml") and cand.exists() else ref)
         if sub.is_book:
             raise ValueError(f"profile {path}: study {study!r} is itself a book of studies ({sub.path})")
+        out[str(study)] = sub
+    return out
 
 
 def project_root() -> Path:
@@ -171,7 +168,7 @@ def cache_dir() -> Path:
 
 def results_dir(profile: Profile, results_root: Path | None = None, study: str | None = None) -> Path:
     """``<results_root>/<profile>`` (default ``<root>/results``; env HELPERS_RESULTS overrides); a study of a book
-    profile writes into ``<results_root>/<profile>/<study>``."""
+    profile writes into ``<results_root>/<profile>/<study>`` (``study`` is ignored for a single-study profile)."""
     base = results_root or Path(os.environ.get("HELPERS_RESULTS", project_root() / "results"))
     out = Path(base) / profile.name
     if profile.is_book:

@@ -21,6 +21,8 @@ from typing import ClassVar, TextIO
 
 from tqdm.auto import tqdm as _auto_tqdm
 
+from . import thread_budget
+
 #: Environment variable naming the file a kernel's bars are relayed to.
 ENV = "HELPERS_PROGRESS_FILE"
 RELAY_INTERVAL_S = 1.0
@@ -44,8 +46,6 @@ class tqdm(_auto_tqdm):  # noqa: N801 (tqdm's own name, so that call sites read 
 
     def update(self, n: float | None = 1) -> bool | None:
         out = super().update(n)
-        from . import thread_budget
-
         thread_budget.follow()  # a long stage takes up the cores another stage has freed
         if not self.disable and id(self) in tqdm._open:
             # a slow bar's every step is shown; fast ones at most once a second

@@ -41,7 +41,8 @@ from torch import nn
 from . import integrity, tables
 from .models import arch_of, device_of, n_layers
 # Re-exported: the public names of this module before it was split (and _noise_tensor, which tests use).
-from .tracing_effects import concentrated, effects, layer_thirds, peak_layers, zero_denominator_cases
+from .tracing_effects import (concentrated, effects, last_subject_by_layer, layer_thirds, peak_layers,
+                              zero_denominator_cases)
 from .tracing_fact import (
     KINDS,
     Fact,

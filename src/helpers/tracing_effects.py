@@ -147,3 +147,10 @@ def layer_thirds(peaks: pd.DataFrame, n_layer: int) -> pd.Series:
     third = pd.cut(peaks["layer"], bins=[-1, n_layer / 3 - 1e-9, 2 * n_layer / 3 - 1e-9, n_layer],
                    labels=["early", "middle", "late"])
     return third.value_counts(normalize=True).reindex(["early", "middle", "late"]).fillna(0.0)
+
+
+def last_subject_by_layer(table: pd.DataFrame, window: int, kind: str = "mlp") -> pd.Series:
+    """Per central layer, the mean over facts of the share of the corrupted-to-clean gap (the paper's
+    denominator) that restoring ``kind`` at the last subject token recovers (window ``window``)."""
+    eff = effects(table[(table["kind"] == kind) & (table["window"] == window)], denominator="paper")
+    return eff.groupby("layer")["subj_effect_fraction"].mean()
