@@ -382,6 +382,36 @@ def test_second_moments_match_numpy_and_cache_roundtrips(tiny, tmp_path):
     assert st3.counts[1] == 50
 
 
+def test_second_moments_budget_takes_the_seeded_documents_first_tokens(tiny):
+    """A token budget keeps the keys of the first n tokens of the documents in the seeded order (the last one cut),
+    whatever the batches: C equals the plain sum over exactly those keys."""
+    import random
+
+    docs = tiny.docs[:30]
+    n = 137
+    order = list(range(len(docs)))
+    random.Random(3).shuffle(order)
+    K = _keys_direct(tiny.model, tiny.tok, [docs[i] for i in order], 1)[:n]  # max_len 64 = tiny's n_positions
+    for batch_tokens, batch_size in [(64, 1), (4096, 64), (200, 5)]:
+        moms, count = E.compute_second_moments(tiny.model, tiny.tok, docs, [1], n, seed=3, progress=False,
+                                               batch_tokens=batch_tokens, batch_size=batch_size)
+        assert count == n
+        np.testing.assert_allclose(moms[1].numpy(), K.T @ K / n, rtol=1e-5, atol=1e-7)
+
+
+def test_length_batches_bound_rows_and_padded_tokens():
+    from helpers.editing.stats import length_batches
+
+    lengths = [5, 100, 7, 30, 30, 2, 300, 1]
+    batches = length_batches(lengths, batch_tokens=64, batch_size=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every document once
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 64  # a long one alone, else within budget
+    assert batches[0] == [6] and batches[1] == [1]  # longest first, each alone
+    assert [lengths[i] for i in batches[2]] == [30, 30]
+
+
 def test_second_moments_refuse_inside_noise_hook(tiny):
     st = E.SecondMoments(tiny.model, tiny.tok, tiny.docs[:10], n_tokens=100, progress=False)
     npos = B.NoisePositions(E.NoiseSpec(0.1), (0, 1))

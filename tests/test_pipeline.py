@@ -288,6 +288,35 @@ def test_book_check_visits_the_pages_of_the_toc_only(tmp_path):
                                                                                    "intro.html"]
 
 
+def test_toc_lists_per_study_pages_in_the_run_order(tmp_path):
+    """A per-study page expands to one page per study in the order the run listed its stages (the book's study
+    order, here "zeta" before "alpha"), not by name; without the run's list, by name."""
+    import json
+
+    import yaml
+
+    from helpers.book_build import PAGE_ORDER, write_toc
+
+    book = tmp_path / "book"
+    (book / "executed").mkdir(parents=True)
+    (book / "intro.md").write_text("# x\n")
+    (book / "toc.yml").write_text("format: jb-book\nroot: intro\nparts:\n- caption: x\n  chapters:\n"
+                                  "  - file: executed/01_data\n  - file: executed/03_editing\n    sections:\n"
+                                  "    - glob: executed/03_editing__*\n")
+    stages = ["01_data__zeta", "01_data__alpha", "03_editing__zeta__rome__ei", "03_editing__zeta__ft1__ei",
+              "03_editing__alpha__rome__ei"]
+    for name in stages:
+        (book / "executed" / f"{name}.ipynb").write_text("{}")
+
+    def files() -> list[str]:
+        toc = yaml.safe_load(write_toc(book).read_text())
+        return [e["file"].split("/")[-1] for e in toc["parts"][0]["chapters"]]
+
+    assert files() == sorted(stages)  # no list from a run: by name
+    (book / "executed" / PAGE_ORDER).write_text(json.dumps(stages))
+    assert files() == stages
+
+
 @pytest.mark.slow
 def test_smoke_world_stages_run(tmp_path, monkeypatch):
     """The default path's first stages on the smoke world: train (or reuse) the world model, filter its facts."""

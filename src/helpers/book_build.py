@@ -15,6 +15,7 @@ import yaml
 from .paper import HEADLINES
 from .profile_loader import project_root
 
+PAGE_ORDER = "pages.json"  # in <book>/executed/: the stage names of the last run, in run order
 
 def executed_key(path: Path) -> str | None:
     """The stage key stored in an executed notebook (None if absent or unreadable)."""
@@ -51,8 +52,14 @@ def _prepare_for_book(path: Path, title: str | None, key: str = "", suffix: str 
 
 def write_toc(book_dir: Path) -> Path:
     """Write ``_toc.yml`` from ``toc.yml``, keeping only the executed notebooks that exist (a profile without the
-    embedded world has no ``00_world`` page) and expanding ``glob`` entries in order."""
+    embedded world has no ``00_world`` page) and expanding ``glob`` entries in the order of the run's stages
+    (``executed/pages.json``, written by the pipeline: a book's studies in the profile's order), else by name."""
     src = yaml.safe_load((book_dir / "toc.yml").read_text())
+    order = book_dir / "executed" / PAGE_ORDER
+    rank = {name: i for i, name in enumerate(json.loads(order.read_text()))} if order.exists() else {}
+
+    def in_order(paths) -> list[Path]:  # the run's stage order (a book's study order), else by name
+        return sorted(paths, key=lambda p: (rank.get(p.stem, len(rank)), p.name))
 
     def exists(entry: dict) -> bool:
         f = entry.get("file")
@@ -62,10 +69,11 @@ def write_toc(book_dir: Path) -> Path:
         out = []
         for e in entries:
             f = e.get("file", "")
-            if f.startswith("executed/") and not exists(e):  # a per-study page: one per study, sorted by name
+            if f.startswith("executed/") and not exists(e):  # a per-study page: one per study, in study order
                 e = {**{k: v for k, v in e.items() if k != "file"}, "glob": f + "__*"}
             if "glob" in e:
-                out += [{"file": str(p.relative_to(book_dir).with_suffix(""))} for p in sorted(book_dir.glob(e["glob"] + ".ipynb"))]
+                out += [{"file": str(p.relative_to(book_dir).with_suffix(""))}
+                        for p in in_order(book_dir.glob(e["glob"] + ".ipynb"))]
                 continue
             if not exists(e):
                 continue

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 # Re-exported: the public names of this module before it was split.
-from .book_build import _prepare_for_book, build_book, executed_key, write_toc
+from .book_build import PAGE_ORDER, _prepare_for_book, build_book, executed_key, write_toc
 from . import thread_budget
 from .progress import ENV, LOG_ENV, StatusLine
 from .integrity import content_record as _record
@@ -232,6 +232,9 @@ def _run(
         p.unlink()
     if stale:
         print(f"[pipeline] removed {len(stale)} executed notebooks that are not stages of {profile.name}", flush=True)
+    order = out_dir / PAGE_ORDER  # the book's page order (a book's studies in profile order); no sidecar beside it
+    order.with_suffix(".tmp").write_text(json.dumps([st.name for st in todo]))
+    os.replace(order.with_suffix(".tmp"), order)
     studies = profile.study_profiles()
     remote = sorted({p.raw["executor"]["kind"] for p in studies.values()} - {"local"})
     if jobs > 1 and remote:

@@ -174,6 +174,32 @@ class Study:
         return context_templates(self.model, self.tok, cache_dir=self.cache)
 
 
+    def stats_layers(self) -> list[int]:
+        """Every layer whose second moments a ROME or MEMIT cell of this study will read (its central layers and,
+        for MEMIT, their windows); empty when the study runs neither."""
+        from .editing import edit_layers
+
+        ed = self.profile.editing
+        out: set[int] = set()
+        for method in (m for m in ed.get("methods", []) if m in ("rome", "memit")):
+            for problem in ed.get("problems", []):
+                hp = self.hparams(method, problem)
+                out.update(l for c in self.edit_layers for l in edit_layers(self.model, method, c, hp))
+        return sorted(out)
+
+    def prepare_editing(self) -> dict:
+        """Compute, before the editing cells, what their ROME and MEMIT edits share: the second moments of every
+        layer in :meth:`stats_layers` (one corpus pass) and the context templates, both cached on disk, so that
+        the cells, which run side by side on a share of the cores, only load them. Returns what was prepared:
+        ``{"layers": [...], "keys": keys per layer, "d_ff": key dimension, "templates": count}``."""
+        layers = self.stats_layers()
+        if not layers:
+            return {"layers": [], "keys": 0, "d_ff": models.dims(self.model)[1], "templates": 0}
+        self.stats.precompute(layers)
+        return {"layers": layers, "keys": min(self.stats.counts[l] for l in layers),
+                "d_ff": models.dims(self.model)[1], "templates": len(self.templates.rome)}
+
+
 def open_studies(profile: str, results_dir: str | Path, cache_dir: str | Path,
                  studies: dict[str, dict] | None = None) -> dict[str, Study]:
     """The studies a chapter compares, by study name, in the book's order, models not loaded: ``studies`` as the

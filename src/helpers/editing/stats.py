@@ -1,13 +1,15 @@
 """Uncentered second moments C = E[k k^T] of the down-projection input k (d_ff) per layer (SCIENCE.md §6.1).
 
 Keys are taken at **every non-pad token** of the corpus documents (each truncated to the model's
-n_positions), documents in a seeded random order, until ``n_tokens`` keys are collected (the last batch is
-cut at exactly ``n_tokens``). All requested layers are collected in one partial forward pass per batch
-(the pass stops after the highest requested down-projection).
+n_positions), documents in a seeded random order, until ``n_tokens`` keys are collected (the last document is
+cut at exactly ``n_tokens``). Those documents then run in batches of similar length (padding costs a full pass
+per padded position; the batches change only the order of the float64 sums). All requested layers are
+collected in one partial forward pass per batch (the pass stops after the highest requested down-projection).
 
-Precision: sums of k k^T are accumulated in **float64** (the paper accumulated in float32; float64 only
-removes rounding drift), the moment is stored in float32 like the paper's ``mom2_dtype``; inverses are
-computed in float64 and cast to float32.
+Precision: each batch's k^T k (at most ``batch_tokens`` keys) is a float32 product, and the running sum over
+batches is kept in **float64** (the paper accumulated in float32; float64 only removes the drift of a long
+sum); the moment is stored in float32 like the paper's ``mom2_dtype``; inverses are computed in float64 and
+cast to float32.
 
 Devices: the keys are accumulated, and C and C^-1 are kept, on the model's device (float64 sums there too, so
 a GPU run uses the same precision as a CPU run); only the disk cache is written from a CPU copy, and a cached
@@ -65,51 +67,76 @@ def _assert_no_hooks(model: nn.Module) -> None:
             )
 
 
+def key_documents(tok, docs: Sequence[str], n_tokens: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    """Token ids of the documents the keys come from: ``docs`` in a seeded random order, each truncated to
+    ``max_len`` tokens, until ``n_tokens`` tokens are taken (the last document cut at exactly ``n_tokens``; a
+    causal model's keys at a document's first m positions do not depend on the rest of it)."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    out, count = [], 0
+    for i in order:
+        if count >= n_tokens:
+            break
+        ids = scoring.encode(tok, docs[i])[:max_len][: n_tokens - count]
+        if ids:
+            out.append(ids)
+            count += len(ids)
+    return out
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int, batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), each with at most ``batch_size`` rows
+    and at most ``batch_tokens`` padded tokens (rows x longest row; a longer row forms a batch of its own):
+    padding, which costs a full pass per padded position, stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        cur = batches[-1] if batches else None
+        if cur and len(cur) < batch_size and lengths[cur[0]] * (len(cur) + 1) <= batch_tokens:
+            cur.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def compute_second_moments(
     model: nn.Module,
     tok,
     docs: Sequence[str],
     layers: Sequence[int],
     n_tokens: int,
-    batch_size: int = 8,
+    batch_size: int = 64,
     max_len: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    batch_tokens: int = 4096,
 ) -> tuple[dict[int, torch.Tensor], int]:
     """({layer: C (d_ff, d_ff) float32 on the model's device}, number of keys used) over the first ``n_tokens``
-    non-pad tokens."""
+    non-pad tokens (:func:`key_documents`), run in batches of similar length (:func:`length_batches`)."""
     _assert_no_hooks(model)
     layers = sorted(set(layers))
     if not layers:
         return {}, 0
     max_len = max_len or int(getattr(model.config, "n_positions", None) or model.config.max_position_embeddings)
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
+    rows_all = key_documents(tok, docs, n_tokens, max_len, seed)
     names = [models.module_name(model, "down_proj", l) for l in layers]
     _, d_ff = models.dims(model)
     dev = models.device_of(model)
     sums = {l: torch.zeros((d_ff, d_ff), dtype=torch.float64, device=dev) for l in layers}
     count = 0
-    bar = tqdm(total=n_tokens, desc=f"second moments L{layers}", unit="tok", disable=not progress)
-    i = 0
+    bar = tqdm(total=min(n_tokens, sum(map(len, rows_all))), desc=f"second moments L{layers}", unit="tok",
+               disable=not progress)
     with torch.no_grad():
-        while count < n_tokens and i < len(order):
-            rows = []
-            while len(rows) < batch_size and i < len(order):
-                ids = scoring.encode(tok, docs[order[i]])[:max_len]
-                i += 1
-                if ids:
-                    rows.append(ids)
-            if not rows:
-                break
+        for batch in length_batches([len(r) for r in rows_all], batch_tokens, batch_size):
+            rows = [rows_all[j] for j in batch]
             ids, mask = scoring.pad_right(tok, rows, dev)
             with hooks.trace(model, names, retain_output=False, retain_input=True, stop=True) as tr:
                 model(input_ids=ids, attention_mask=mask)
-            take = min(sum(map(len, rows)), n_tokens - count)  # = mask.sum(), without a device sync
+            take = sum(map(len, rows))  # = mask.sum(), without a device sync
             sel = mask.reshape(-1).bool()
             for l, name in zip(layers, names):
-                k = tr.inputs[name].reshape(-1, d_ff)[sel][:take].double()
-                sums[l] += k.T @ k
+                k = tr.inputs[name].reshape(-1, d_ff)[sel]
+                sums[l] += (k.T @ k).double()  # a batch's product in float32, the running sum in float64
             count += take
             bar.update(take)
     bar.close()
@@ -135,7 +162,7 @@ class SecondMoments:
         corpus: str | Path | Sequence[str],
         n_tokens: int,
         cache_dir: str | Path | None = None,
-        batch_size: int = 8,
+        batch_size: int = 64,
         max_len: int | None = None,
         seed: int = 0,
         progress: bool = True,
