@@ -54,3 +54,36 @@ def test_the_run_refuses_before_any_stage(tmp_path, model_dirs):
     with pytest.raises(ProfileSizeError, match=r"\[7\] do not exist: the model has 3 layers"):
         pipeline.run(path, book_dir=tmp_path / "book", results_root=tmp_path / "results")
     assert not list((tmp_path / "results" / "sizes" / ".stages").glob("*.json"))
+
+
+def test_cells_of_their_own_size_are_validated_and_used(tmp_path, monkeypatch):
+    """``editing.cells`` gives one cell its own facts and layers: only cells the profile runs, only those two keys;
+    the preflight checks their layers and facts; the study edits them at those sizes and computes second moments
+    for exactly the layers its ROME cells edit."""
+    import pandas as pd
+
+    from helpers import tables
+    from helpers.study import Study
+
+    editing = {"layers": [0, 2], "facts": 3, "methods": ["ft1", "rome"], "problems": ["ei", "ff"],
+               "cells": {"rome__ff": {"facts": 1, "layers": [1]}}}
+    prof = _profile(tmp_path, editing=editing)
+    assert prof.editing["cells"] == {"rome__ff": {"facts": 1, "layers": [1]}} and preflight(prof) == []
+    for cells, match in [({"memit__ei": {"facts": 1}}, "not a cell this profile runs"),
+                         ({"rome": {"facts": 1}}, "not a cell this profile runs"),
+                         ({"rome__ei": {"facts": 1, "window": 3}}, "sets only facts and layers")]:
+        with pytest.raises(ValueError, match=match):
+            _profile(tmp_path, editing={**editing, "cells": cells})
+    big = _profile(tmp_path, editing={**editing, "cells": {"ft1__ei": {"facts": 9, "layers": [1, 7]}}})
+    with pytest.raises(ProfileSizeError, match=r"editing.cells.ft1__ei.layers \[7\] do not exist"):
+        preflight(big)
+
+    prof = _profile(tmp_path, editing=editing)  # (each _profile call rewrites the same file)
+    monkeypatch.setattr(Study, "n_layers", property(lambda self: 4))
+    study = Study.open(str(prof.path), tmp_path / "res", tmp_path / "cache", load=False)
+    tables.write_table(pd.DataFrame({"case_id": [10, 11, 12, 13], "kept": [True] * 4}), study.results / "facts.parquet")
+    assert list(study.cell_facts("rome", "ff")["case_id"]) == [10] and study.cell_layers("rome", "ff") == [1]
+    assert list(study.cell_facts("rome", "ei")["case_id"]) == [10, 11, 12] and study.cell_layers("rome", "ei") == [0, 2]
+    monkeypatch.setattr(Study, "model", property(lambda self: None))
+    monkeypatch.setattr("helpers.editing.edit_layers", lambda model, method, c, hp=None: [c])
+    assert study.stats_layers() == [0, 1, 2]  # ROME's cells: EI at 0 and 2, FF at 1; FT-1 needs none

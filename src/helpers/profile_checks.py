@@ -93,12 +93,20 @@ def preflight(profile: Profile) -> list[str]:
     if edits and n_edit is not None and max_facts is not None and int(n_edit) > int(max_facts):
         notes.append(f"editing.facts = {n_edit}, but max_facts = {max_facts} facts are kept: at most "
                      f"{max_facts} are edited")
+    for key, sizes in (ed.get("cells") or {}).items():
+        n_cell = sizes.get("facts")
+        if edits and n_cell is not None and max_facts is not None and int(n_cell) > int(max_facts):
+            notes.append(f"editing.cells.{key}.facts = {n_cell}, but max_facts = {max_facts} facts are kept: at "
+                         f"most {max_facts} are edited")
     n_layers = model_layers(profile)
-    layers = ed.get("layers", "all")
-    if edits and n_layers is not None and layers != "all":
-        bad = [l for l in layers if not 0 <= int(l) < n_layers]
-        if bad:
-            errors.append(f"editing.layers {bad} do not exist: the model has {n_layers} layers (0-{n_layers - 1})")
+    specs = [("editing.layers", ed.get("layers", "all"))] + [
+        (f"editing.cells.{key}.layers", sizes["layers"]) for key, sizes in (ed.get("cells") or {}).items()
+        if "layers" in sizes]
+    for where, layers in specs:
+        if edits and n_layers is not None and layers != "all":
+            bad = [l for l in layers if not 0 <= int(l) < n_layers]
+            if bad:
+                errors.append(f"{where} {bad} do not exist: the model has {n_layers} layers (0-{n_layers - 1})")
     if errors:
         raise ProfileSizeError(f"profile {profile.name}: " + "; ".join(errors))
     return notes

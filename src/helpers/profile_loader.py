@@ -34,6 +34,8 @@ DEFAULTS: dict[str, Any] = {
         "stats_tokens": 20000,  # keys sampled per layer for the second moments
         "batch_size": 8,  # facts edited together per layer (results equal one-at-a-time editing)
         "exact": False,  # True: bitwise one-at-a-time results (~1.8x slower); False: equal up to float rounding
+        # one cell's own sizes, {<method>__<problem>: {facts: N, layers: [...]}}, e.g. a costly cell run smaller
+        "cells": {},
     },
     "analysis": {"window": 5, "n_boot": 200},
     # second moments and unrelated sentences of a real model: "wikitext" (the shared WikiText-2 train split
@@ -120,11 +122,26 @@ def load_profile(name_or_path: str | Path) -> Profile:
                 raise ValueError(f"profile {path}: unknown keys {sorted(bad)} in section {section!r}; "
                                  f"known: {sorted(DEFAULTS[section])}")
     merged = _merge(DEFAULTS, raw)
+    _check_cells(path, merged["editing"])
     studies = _load_studies(path, raw) if raw.get("studies") is not None else {}
     from .scaleout import ExecutorConfig
 
     ExecutorConfig.from_dict(merged["executor"], where=f"profile {path}: executor")  # bad values fail here
     return Profile(name=raw.get("name", path.stem), path=path.resolve(), raw=merged, studies_loaded=studies)
+
+
+def _check_cells(path: Path, editing: dict) -> None:
+    """``editing.cells`` names cells the profile runs (``<method>__<problem>``) and sets only facts and layers."""
+    cells = editing.get("cells") or {}
+    if not isinstance(cells, dict):
+        raise ValueError(f"profile {path}: editing.cells must map <method>__<problem> to {{facts, layers}}")
+    for key, sizes in cells.items():
+        method, sep, problem = str(key).partition("__")
+        if not sep or method not in editing["methods"] or problem not in editing["problems"]:
+            raise ValueError(f"profile {path}: editing.cells.{key} is not a cell this profile runs "
+                             f"(<method>__<problem> of methods {editing['methods']} x problems {editing['problems']})")
+        if not isinstance(sizes, dict) or set(sizes) - {"facts", "layers"}:
+            raise ValueError(f"profile {path}: editing.cells.{key} sets only facts and layers, got {sizes!r}")
 
 
 def _load_studies(path: Path, raw: dict) -> dict[str, Profile]:

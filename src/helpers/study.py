@@ -70,16 +70,17 @@ class Study:
         f = self.all_facts
         return f[f["kept"]].reset_index(drop=True)
 
-    @property
-    def edit_facts(self) -> pd.DataFrame:
-        """The first ``editing.facts`` kept facts (all when None); Fact Erasure also needs p_true > 0.02."""
-        n = self.profile.editing.get("facts")
-        return self.facts if n is None else self.facts.head(int(n))
+    def cell_sizes(self, method: str, problem: str) -> dict:
+        """What ``editing.cells.<method>__<problem>`` overrides for one editing cell (``facts``, ``layers``)."""
+        return dict((self.profile.editing.get("cells") or {}).get(f"{method}__{problem}") or {})
 
-    def facts_for(self, problem: str) -> pd.DataFrame:
+    def cell_facts(self, method: str, problem: str) -> pd.DataFrame:
+        """The facts one cell edits: the first ``facts`` kept facts (the cell's own size, else ``editing.facts``;
+        all when None); Fact Erasure keeps only those with p_true > 0.02."""
         from .data import erasure_filter
 
-        f = self.edit_facts
+        n = self.cell_sizes(method, problem).get("facts", self.profile.editing.get("facts"))
+        f = self.facts if n is None else self.facts.head(int(n))
         return erasure_filter(f) if problem in ("fe", "fact_erasure") else f
 
     # ------------------------------------------------------------------ model facts
@@ -87,9 +88,7 @@ class Study:
     def n_layers(self) -> int:
         return models.n_layers(self.model)
 
-    @property
-    def edit_layers(self) -> list[int]:
-        spec = self.profile.editing.get("layers", "all")
+    def _layers(self, spec) -> list[int]:
         if spec == "all":
             return list(range(self.n_layers))
         layers = [int(l) for l in spec]
@@ -97,6 +96,16 @@ class Study:
         if bad:
             raise ValueError(f"profile {self.profile.name}: edit layers {bad} out of range (model has {self.n_layers})")
         return layers
+
+    @property
+    def edit_layers(self) -> list[int]:
+        """The study's central edit layers (``editing.layers``)."""
+        return self._layers(self.profile.editing.get("layers", "all"))
+
+    def cell_layers(self, method: str, problem: str) -> list[int]:
+        """One cell's central edit layers: its own ``layers``, else the study's."""
+        spec = self.cell_sizes(method, problem).get("layers")
+        return self.edit_layers if spec is None else self._layers(spec)
 
     @functools.cached_property
     def sigma(self) -> float:
@@ -184,7 +193,7 @@ class Study:
         for method in (m for m in ed.get("methods", []) if m in ("rome", "memit")):
             for problem in ed.get("problems", []):
                 hp = self.hparams(method, problem)
-                out.update(l for c in self.edit_layers for l in edit_layers(self.model, method, c, hp))
+                out.update(l for c in self.cell_layers(method, problem) for l in edit_layers(self.model, method, c, hp))
         return sorted(out)
 
     def prepare_editing(self) -> dict:
