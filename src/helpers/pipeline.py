@@ -27,7 +27,7 @@ from typing import Any
 from .book_build import PAGE_ORDER, _prepare_for_book, build_book, executed_key, write_toc
 from . import thread_budget
 from .progress import ENV, LOG_ENV, StatusLine
-from .integrity import content_record as _record
+from .stage_stamps import damaged_output as _damaged_output, outputs as _outputs, read_stamp as _read_stamp
 from .tables import OUTPUTS_ENV, atomic_path, remove_stale_temporaries
 from .profile_loader import (
     DEFAULTS,
@@ -285,50 +285,6 @@ def _keys(todo: list[Stage], profile: Profile, res: Path, results_root: Path | N
         for ln in {lane, None}:
             lane_up[ln] = hashlib.sha256((lane_up.get(ln, "") + key).encode()).hexdigest()
     return keys
-
-
-def _read_stamp(stamp: Path) -> dict:
-    try:
-        return json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _outputs(executed: Path, listing: Path) -> dict[str, list]:
-    """Size and sha256 of the executed notebook and of every file the stage wrote through
-    :func:`helpers.tables.atomic_path` (its tables, figures, CSVs and caches, listed in ``listing``), by path."""
-    out = {str(executed): _record(executed)}
-    try:
-        written = dict.fromkeys(listing.read_text().split("\n"))
-    except FileNotFoundError:
-        written = {}
-    for name in written:
-        try:
-            if name:
-                out[name] = _record(Path(name))
-        except FileNotFoundError:  # written, then removed by the stage itself (a checkpoint it replaced)
-            pass
-    return out
-
-
-def _damaged_output(stamp: dict, executed: Path) -> str | None:
-    """Why a finished stage's outputs cannot be trusted (None when they can): one is missing, or differs both
-    from what the stage wrote and from its own size/sha256 record (a later stage may rewrite a shared table,
-    always with a new record)."""
-    from . import integrity
-
-    for path, (sha, size) in stamp.get("outputs", {}).items():
-        p = Path(path)
-        if not p.is_file():
-            return f"its output {p} is missing"
-        if _record(p) == [sha, size]:
-            continue
-        if p == executed or not integrity.sidecar(p).exists():
-            return f"its output {p} was changed or damaged"
-        bad = integrity.problem(p)
-        if bad is not None:
-            return f"its output {p} is damaged ({bad})"
-    return None
 
 
 def _minutes(seconds: float) -> str:
