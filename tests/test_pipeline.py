@@ -20,6 +20,9 @@ ZSRE_SAMPLE = FIXTURES / "zsre_sample.json"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+REAL_SOURCE_HASH = pipeline.source_hash  # before any test replaces it
+
+
 def test_profiles_load_and_unknown_keys_rejected(tmp_path):
     assert {"smoke", "default", "quick", "world", "smollm2", "gpt2-xl", "gpt-j"} <= set(pipeline.list_profiles())
     book = pipeline.load_profile("default")  # the book: the real model first, then the world
@@ -147,6 +150,21 @@ def test_local_model_path_end_to_end_and_skip(tmp_path, model_dirs, monkeypatch)
     facts = __import__("pandas").read_parquet(tmp_path / "results" / "standin" / "facts.parquet")
     assert len(facts) == 5 and {"is_correct", "p_true", "continuation", "kept"} <= set(facts.columns)
     assert ((facts["p_true"] > 0) & (facts["p_true"] < 1)).all()
+    # 01_data prepared what the editing cells share: second moments of ROME's layers, each problem's pre-edit rows
+    res = tmp_path / "results" / "standin"
+    for problem in ("ei", "ff"):
+        pre = __import__("pandas").read_parquet(res / "pre" / f"{problem}.parquet")
+        assert list(pre["case_id"]) == list(facts[facts["kept"]]["case_id"].head(3))
+    from helpers.study import Study
+    from helpers import evaluation, sweep
+
+    study = Study.open(str(profile), res, pipeline.cache_dir())
+    assert study.stats.path(0).exists() and study.stats.path(2).exists()
+    with monkeypatch.context() as mp:  # as a cell's kernel sees it: the real source hash keys the cached rows
+        mp.setattr(pipeline, "source_hash", REAL_SOURCE_HASH)
+        mp.setattr(evaluation, "measure", lambda *a, **k: pytest.fail("a cell recomputed pre-edit rows"))
+        rows = sweep.pre_edit(study.model, study.tok, study.cell_facts("rome", "ff"), "ff", study.sigma, res)
+    assert len(rows) == 3  # read from 01's table, nothing computed
     # Unchanged inputs: skipped. A changed profile: re-run.
     again = pipeline.run(profile, book_dir=book, root=ROOT, results_root=tmp_path / "results", only=only)
     assert [r["status"] for r in again] == ["skipped"]

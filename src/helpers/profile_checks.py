@@ -86,8 +86,7 @@ def preflight(profile: Profile) -> list[str]:
     if max_facts is not None and int(max_facts) > cap:
         notes.append(f"max_facts = {max_facts}, but at most {cap} candidate records exist (fewer pass the "
                      "correctness filter)")
-    stages = profile.raw.get("stages")
-    edits = stages is None or any(str(s).startswith("03") for s in stages)
+    edits = profile.runs_editing
     ed = profile.raw.get("editing", {})
     n_edit = ed.get("facts")
     if edits and n_edit is not None and max_facts is not None and int(n_edit) > int(max_facts):

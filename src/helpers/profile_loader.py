@@ -81,6 +81,12 @@ class Profile:
         return str(self.raw.get("label") or self.name)
 
     @property
+    def runs_editing(self) -> bool:
+        """Whether the editing cells run: ``stages`` unset, or naming a ``03`` stage."""
+        stages = self.raw.get("stages")
+        return stages is None or any(str(s).startswith("03") for s in stages)
+
+    @property
     def is_book(self) -> bool:
         """True for a profile of several studies (``studies``)."""
         return bool(self.raw.get("studies"))

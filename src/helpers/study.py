@@ -197,16 +197,32 @@ class Study:
         return sorted(out)
 
     def prepare_editing(self) -> dict:
-        """Compute, before the editing cells, what their ROME and MEMIT edits share: the second moments of every
-        layer in :meth:`stats_layers` (one corpus pass) and the context templates, both cached on disk, so that
-        the cells, which run side by side on a share of the cores, only load them. Returns what was prepared:
-        ``{"layers": [...], "keys": keys per layer, "d_ff": key dimension, "templates": count}``."""
+        """Compute, before the editing cells, what they share, all cached on disk so that the cells, which run side
+        by side on a share of the cores, only load it: the second moments of every layer in :meth:`stats_layers`
+        (one corpus pass) and the context templates (ROME, MEMIT), and each problem's pre-edit measurements of
+        the facts its cells edit (every method of a problem edits the same facts from the same pre-edit state).
+        Returns ``{"layers": [...], "keys": keys per layer, "d_ff": key dimension, "templates": count,
+        "pre": {problem: facts}}``."""
+        from .sweep import CellConfig, pre_edit
+
+        if not self.profile.runs_editing:
+            return {"layers": [], "keys": 0, "d_ff": models.dims(self.model)[1], "templates": 0, "pre": {}}
         layers = self.stats_layers()
-        if not layers:
-            return {"layers": [], "keys": 0, "d_ff": models.dims(self.model)[1], "templates": 0}
-        self.stats.precompute(layers)
-        return {"layers": layers, "keys": min(self.stats.counts[l] for l in layers),
-                "d_ff": models.dims(self.model)[1], "templates": len(self.templates.rome)}
+        out = {"layers": layers, "keys": 0, "d_ff": models.dims(self.model)[1], "templates": 0, "pre": {}}
+        if layers:
+            self.stats.precompute(layers)
+            out.update(keys=min(self.stats.counts[l] for l in layers), templates=len(self.templates.rome))
+        ed = self.profile.editing
+        for problem in ed.get("problems", []):
+            cells = [self.cell_facts(m, problem) for m in ed.get("methods", [])]
+            if not cells:
+                continue
+            facts = pd.concat(cells).drop_duplicates("case_id")
+            cfg = CellConfig("", problem, [])  # the cells' own defaults for what the pre-edit cache is keyed by
+            pre_edit(self.model, self.tok, facts, problem, self.sigma, self.results, cfg.options,
+                     cfg.essence_samples)
+            out["pre"][problem] = len(facts)
+        return out
 
 
 def open_studies(profile: str, results_dir: str | Path, cache_dir: str | Path,
