@@ -205,10 +205,10 @@ class Study:
         "pre": {problem: facts}}``."""
         from .sweep import CellConfig, pre_edit
 
+        out = {"layers": [], "keys": 0, "d_ff": models.dims(self.model)[1], "templates": 0, "pre": {}}
         if not self.profile.runs_editing:
-            return {"layers": [], "keys": 0, "d_ff": models.dims(self.model)[1], "templates": 0, "pre": {}}
-        layers = self.stats_layers()
-        out = {"layers": layers, "keys": 0, "d_ff": models.dims(self.model)[1], "templates": 0, "pre": {}}
+            return out
+        layers = out["layers"] = self.stats_layers()
         if layers:
             self.stats.precompute(layers)
             out.update(keys=min(self.stats.counts[l] for l in layers), templates=len(self.templates.rome))

@@ -124,8 +124,7 @@ def compute_second_moments(
     dev = models.device_of(model)
     sums = {l: torch.zeros((d_ff, d_ff), dtype=torch.float64, device=dev) for l in layers}
     count = 0
-    bar = tqdm(total=min(n_tokens, sum(map(len, rows_all))), desc=f"second moments L{layers}", unit="tok",
-               disable=not progress)
+    bar = tqdm(total=sum(map(len, rows_all)), desc=f"second moments L{layers}", unit="tok", disable=not progress)
     with torch.no_grad():
         for batch in length_batches([len(r) for r in rows_all], batch_tokens, batch_size):
             rows = [rows_all[j] for j in batch]
