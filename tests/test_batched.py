@@ -102,9 +102,12 @@ def test_edit_many_fast_mode_within_tolerance(tiny, method):
     to 1e-5 relative; ROME/MEMIT deltas to 1e-4 of their max (FT's Adam turns rounding in near-zero gradients
     into up to ±lr per step on single elements, so FT is compared on probabilities)."""
     reqs = _requests()[:4]
-    one = [E.edit(tiny.model, tiny.tok, r, method, 1, HP[method], stats=tiny.stats, templates=tiny.templates)
+    # MEMIT at central layer 1 has z = the last block, where δ reaches the loss only through float noise (see
+    # test_fast_mode_recomputes_only_suffixes_within_tolerance): its trajectory then depends on how the rows are padded
+    layer = 0 if method == "memit" else 1
+    one = [E.edit(tiny.model, tiny.tok, r, method, layer, HP[method], stats=tiny.stats, templates=tiny.templates)
            for r in reqs]
-    many = BT.edit_many(tiny.model, tiny.tok, reqs, method, 1, HP[method], stats=tiny.stats,
+    many = BT.edit_many(tiny.model, tiny.tok, reqs, method, layer, HP[method], stats=tiny.stats,
                         templates=tiny.templates, exact=False)
     for r, a, b in zip(reqs, many, one):
         assert a.info["updates"] == b.info["updates"]
@@ -186,6 +189,7 @@ def test_fast_mode_under_subject_noise_recomputes_from_the_subject(tiny, method,
     of their max, post-edit probabilities to 1e-5 relative). Noise at the code's positions (inside the
     prefix) keeps full passes."""
     reqs = [_requests()[2], _requests()[0]]  # subject-position noise, and a clean request in the same batch
+    monkeypatch.setattr(batched_deltas, "PASS_OVERHEAD_POSITIONS", 10**9)  # in the same pass, too
     made, used = _spy_suffix_passes(monkeypatch)
     one, many = _one_and_many(tiny, reqs, method)
     assert len(made) == 1 and len(used) == _steps(tiny, method) - 1
@@ -200,6 +204,44 @@ def test_fast_mode_under_subject_noise_recomputes_from_the_subject(tiny, method,
     BT.edit_many(tiny.model, tiny.tok, [_requests()[4]], method, 1, HP[method], stats=tiny.stats,
                  templates=tiny.templates, exact=False)
     assert len(made) == 1  # code-position noise lands in the prefix: full passes only
+
+
+def test_pass_groups_known_answers():
+    """Facts of 22 rows with these suffix lengths: one pass pads 8 facts to 8 positions (1,408 row-positions +
+    32); [5, 5] | [7 x 5] | [8] costs 220 + 770 + 176 + 3 x 32 = 1,262, the least."""
+    lengths = [7, 5, 5, 7, 7, 8, 7, 7]
+    assert batched_deltas.pass_groups(lengths, 22, overhead=32) == [[1, 2], [0, 3, 4, 6, 7], [5]]
+    assert batched_deltas.pass_groups(lengths, 22, overhead=10**9) == [list(range(8))]
+    assert batched_deltas.pass_groups(lengths, 22, overhead=0) == [[1, 2], [0, 3, 4, 6, 7], [5]]
+    assert batched_deltas.pass_groups([3, 9], 1, overhead=7) == [[0, 1]]  # 18 + 7 < 3 + 9 + 14
+    assert batched_deltas.pass_groups([3, 9], 7, overhead=5) == [[0], [1]]  # 21 + 63 + 10 < 126 + 5
+    assert batched_deltas.pass_groups([], 7) == []
+
+
+def test_fast_mode_splits_clean_and_noised_facts_into_their_own_passes(tiny, monkeypatch):
+    """A clean fact (cut at its last subject token, prefix reused) and a Fact Forcing one (cut at its subject
+    start, recomputed from there) in one call: each gets the pass its rows need, and both still agree with the
+    one-fact path."""
+    reqs = [_requests()[2], _requests()[0]]
+    made, used = _spy_suffix_passes(monkeypatch)
+    one, many = _one_and_many(tiny, reqs, "rome")
+    assert len(made) == 2 and all(len(m.cut) == len(tiny.templates.rome) + 1 for m in made)
+    ranges = [BT.subject_ranges(tiny.tok, [E.fill(c, r.template) for c in tiny.templates.rome] + ["{} is a"],
+                                r.subject) for r in reqs]
+    cuts = sorted(m.cut.tolist() for m in made)
+    assert cuts == sorted([[b for b, _ in ranges[0]], [e - 1 for _, e in ranges[1]]])
+    _assert_same_edits(tiny, reqs, many, one, "rome")
+
+
+def test_batch_order_by_the_positions_a_pass_needs(tiny):
+    """ROME/MEMIT: the positions from the last subject token to the end of the target (a long prefix costs
+    nothing: it is reused); FT: the whole row; ties keep the given order."""
+    reqs = [E.EditRequest("In the long and winding story told by the old man, {} is", "Zor Makken", "violin"),
+            E.EditRequest("{} lives in the big city with the tall towers of", "Lila Durnov", "violin"),
+            E.EditRequest("{} plays", "Ottar Venn", "violin"),
+            E.EditRequest("{} plays", "Mira Quell", "violin")]
+    assert BT.batch_order(tiny.tok, reqs, "rome") == BT.batch_order(tiny.tok, reqs, "memit") == [0, 2, 3, 1]
+    assert BT.batch_order(tiny.tok, reqs, "ft1") == [2, 3, 1, 0]
 
 
 # ------------------------------------------------------------------------------- per-fact rules (FT)

@@ -217,6 +217,7 @@ def load_model(
     allow_bin: bool = False,
     local_files_only: bool | None = None,
     fused_gelu: bool = True,
+    attn_implementation: str | None = None,
 ):
     """Load ``(model, tokenizer)`` by named model (``smollm2-135m``, ``gemma3-270m``: fetched and converted
     once, :mod:`helpers.checkpoints`), ``.gguf`` file, hub name or local folder, in eval mode, gradients off.
@@ -226,6 +227,11 @@ def load_model(
     tokenizer gets pad = eos when it has no pad token, and no BOS is added by our code. ``fused_gelu``
     runs GPT-2-style models' tanh-GELU with torch's kernel (:func:`use_fused_gelu`; same function to 2.4e-7,
     editing 15-20% faster on a CPU); ``False`` keeps transformers' module.
+
+    ``attn_implementation`` (transformers' own attention functions): None = ``"eager"`` on a CPU, where this
+    project's passes are short (5-40 positions) and torch's CPU flash kernel behind ``"sdpa"`` costs more than
+    the products it saves (ROME's v* backward on SmolLM2: 12% of the edit's time; see ``benchmarks/editing.py``),
+    and transformers' default (``"sdpa"``) on a GPU. Both give the same numbers up to float rounding.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -246,6 +252,7 @@ def load_model(
             src,
             dtype=dtype,
             use_safetensors=None if allow_bin else True,
+            attn_implementation=attn_implementation or ("eager" if str(device) == "cpu" else None),
             local_files_only=local_files_only,
         )
     except (OSError, ValueError) as err:

@@ -164,6 +164,11 @@ def run_cell(
     done = _read_if_same(out_path, key, pd.DataFrame(columns=KEY))
     done_keys = set(map(tuple, done[KEY].astype(int).values.tolist()))
     todo = [f for _, f in facts.iterrows() if any((int(f["case_id"]), l) not in done_keys for l in cfg.layers)]
+    if cfg.batch_size > 1 and len(todo) > 1:  # chunks of facts whose passes have similar lengths (less padding)
+        from .editing import batched
+
+        reqs = [_task_from_pre(f, pre.loc[int(f["case_id"])], prob.key, cfg.sigma, cfg.options).request for f in todo]
+        todo = [todo[k] for k in batched.batch_order(tok, reqs, cfg.method)]
     if stop_after is not None:
         todo = todo[:stop_after]
     new_rows: list[dict] = []

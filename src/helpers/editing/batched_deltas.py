@@ -28,7 +28,9 @@ def _prime(model, name: str, layer: int, batch, cut: torch.Tensor, suffixes: dic
     runs full passes, as without priming)."""
     with torch.no_grad(), hooks.trace(model, name, retain_output=True) as tr, \
             hooks.reuse_below(model, layer, None, record=True) as rb:
-        out = model(**batch.model_inputs(), use_cache=True)
+        # the decoder alone: nothing reads this pass's logits (the unembedding of every position of every row
+        # would cost 1-2% of the edit)
+        out = model.base_model(**batch.model_inputs(), use_cache=True)
         try:
             suffixes[id(batch)] = sp = SuffixPass(batch, cut, cache_of(out))
         except ValueError as err:  # a cut outside its prompt: keep full passes
@@ -39,6 +41,55 @@ def _prime(model, name: str, layer: int, batch, cut: torch.Tensor, suffixes: dic
     if rb.stream is not None:
         belows[id(batch)] = sp.gather(rb.stream)
     return tr.outputs[name]
+
+
+#: Fixed cost of one more pass per optimisation step, in padded row-positions (one row-position of SmolLM2's
+#: 17 layers above layer 12, forward and backward: ~1.3 ms on 2 EPYC cores; a pass's Python and hook
+#: overhead ~20 ms, and smaller products run a little below the machine's peak): a fact gets a pass of its own
+#: only when that saves more padding than this.
+PASS_OVERHEAD_POSITIONS = 32
+
+
+def _cut_kind(noise: _NoiseRows | None, k: int) -> str:
+    """Where fact k's rows are cut for suffix passes: "subject_end" (clean rows: from the last subject token),
+    "subject_start" (fresh noise on the subject: from its first token) or "none" (other noise: full rows)."""
+    if not _noised(noise, [k]):
+        return "subject_end"
+    spec = noise.specs[k]
+    return "subject_start" if spec is None or spec.positions == "subject" else "none"
+
+
+def _pass_length(tok, fact, cut_kind: str) -> int:
+    """Positions one of fact's rows needs in a pass (the longest row): from its cut to the end of its target."""
+    texts, targets, _, ranges = fact
+    b = scoring.make_batch(tok, texts, targets)
+    ends = [s + p + t for s, p, t in zip(b.start, b.prompt_len, b.target_len)]
+    if cut_kind == "none":
+        return max(ends)
+    cuts = [e - 1 if cut_kind == "subject_end" else s for s, e in ranges]
+    return max(e - c for e, c in zip(ends, cuts))
+
+
+def pass_groups(lengths: Sequence[int], rows: int, overhead: float | None = None) -> list[list[int]]:
+    """Facts (indices into ``lengths``) split into passes: sorted by pass length, cut into contiguous runs that
+    minimise Σ_pass (rows × facts × longest length) + ``overhead`` per pass (default
+    :data:`PASS_OVERHEAD_POSITIONS`; dynamic programming over the sorted order; each fact has ``rows`` rows).
+    Deterministic; facts keep their order within a pass."""
+    if overhead is None:
+        overhead = PASS_OVERHEAD_POSITIONS
+    order = sorted(range(len(lengths)), key=lambda k: (lengths[k], k))
+    n = len(order)
+    best, prev = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + overhead + rows * (j - i) * lengths[order[j - 1]]
+            if c < best[j]:
+                best[j], prev[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append(sorted(order[prev[j]:j]))
+        j = prev[j]
+    return out[::-1]
 
 
 def _optimize_deltas(
@@ -72,13 +123,19 @@ def _optimize_deltas(
         full = [fill(c, req.template) for c in context_templates] + [KL_TEMPLATE]
         ranges = subject_ranges(tok, full, req.subject)
         facts.append(([fill(t, req.subject) for t in full], [req.target] * per, [e - 1 for _, e in ranges], ranges))
-    lengths = [scoring.make_batch(tok, f[0], f[1]).input_ids.shape[1] if exact else 0 for f in facts]
-    groups: dict[int, list[int]] = {}
-    for k in range(K):
-        groups.setdefault(lengths[k], []).append(k)
+    if exact:  # one pass per padded length: each fact's rows padded exactly as in its own batch
+        lengths = [scoring.make_batch(tok, f[0], f[1]).input_ids.shape[1] for f in facts]
+        by_len: dict[int, list[int]] = {}
+        for k in range(K):
+            by_len.setdefault(lengths[k], []).append(k)
+        groups = [ks for _, ks in sorted(by_len.items())]
+    else:  # facts of similar pass length share a pass (padding to the longest row costs every step)
+        prefix_ok = hooks.REUSE_BELOW
+        groups = pass_groups([_pass_length(tok, f, _cut_kind(noise, k) if prefix_ok else "none")
+                              for k, f in enumerate(facts)], per)
     passes = []
     dev = models.device_of(model)
-    for _, ks in sorted(groups.items()):
+    for ks in groups:
         batch = scoring.make_batch(tok, [t for k in ks for t in facts[k][0]], [t for k in ks for t in facts[k][1]],
                                    device=dev)
         pos_list = [p for k in ks for p in facts[k][2]]
@@ -113,6 +170,8 @@ def _optimize_deltas(
                                               for k in ks)
             prefix = not exact and hooks.REUSE_BELOW and (reuse or subject_noise)
             if prefix and reuse and id(batch) not in primed:
+                if noise is not None:  # this pass's rows (full rows; none of them noised)
+                    noise.set_rows([(k, facts[k][3]) for k in ks])
                 # Clean rows: δ is 0 before the first update, so the full pass that fills the prefix cache and the
                 # stream below the block needs no graph; the first step's loss then comes from a suffix pass like
                 # every later step's. Keeping the full pass's activations for a backward was the peak of memory

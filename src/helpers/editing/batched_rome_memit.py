@@ -20,6 +20,16 @@ from .rome import RomeHparams
 from .stats import SecondMoments
 
 
+def _through_subject(tok, template: str, subject: str, e: int) -> str:
+    """``fill(template, subject)`` cut after the subject when its first ``e`` tokens (through the last subject
+    token) stay the same: a key pass reads nothing later, and causal attention lets nothing later change it."""
+    full = fill(template, subject)
+    cut = fill(template[: template.find("{}") + 2], subject)
+    if cut != full and scoring.encode(tok, cut) != scoring.encode(tok, full)[:e]:
+        return full
+    return cut
+
+
 def _keys_many(model, tok, filled_templates: Sequence[Sequence[str]], requests: Sequence[EditRequest],
                layer: int, noise: _NoiseRows | None, pe: _PerExample | None = None,
                block_layer: int | None = None):
@@ -29,7 +39,7 @@ def _keys_many(model, tok, filled_templates: Sequence[Sequence[str]], requests: 
     texts, pos, blocks, counts = [], [], [], []
     for k, (temps, req) in enumerate(zip(filled_templates, requests)):
         ranges = subject_ranges(tok, temps, req.subject)
-        texts += [fill(t, req.subject) for t in temps]
+        texts += [_through_subject(tok, t, req.subject, e) for t, (_, e) in zip(temps, ranges)]
         pos += [e - 1 for _, e in ranges]
         blocks.append((k, ranges))
         counts.append(len(temps))
