@@ -52,8 +52,10 @@ def test_suffix_pass_equals_full_pass_edited_at_the_cut(arch, padding, kind):
         with hooks.trace(m, mlp, edit=hooks.add_at_positions(delta, torch.zeros(3, dtype=torch.long))), \
                 hooks.resume_at(m, layer, sp.gather(tr.inputs[block])):
             part = m(**sp.model_inputs(m)).logits
+    # each row runs from its cut to its last target token but one (the logits after the last are never read)
     assert part.shape[1] == int((torch.tensor([s + p + t for s, p, t in zip(b.start, b.prompt_len, b.target_len)])
-                                 - cut).max())
+                                 - cut).max()) - 1
+    assert sp.batch.input_ids.shape[1] == part.shape[1] + 1
     ref = sp.gather(edited)
     err = ((part - ref).abs() * sp.valid[..., None]).max()
     assert err < 1e-5, (arch, padding, float(err))

@@ -9,7 +9,7 @@ instead: the positions before it see neither noise nor δ.
 
     full = model(**batch.model_inputs(), use_cache=True)           # step 0: records every layer's K/V
     sp = SuffixPass(batch, cut=positions, cache=cache_of(full))
-    logits = model(**sp.model_inputs()).logits                      # (B, S, V): columns = positions cut[i]..
+    logits = model(**sp.model_inputs()).logits                      # (B, S-1, V): columns = positions cut[i]..
     lps = scoring.target_token_logprobs(logits, sp.batch)           # unchanged call: sp.batch is shifted
 
 Padding: rows are packed into a common past of P = max(cut) columns, row i's prefix in columns < cut[i]
@@ -42,7 +42,9 @@ class SuffixPass:
     ``cache`` is the key/value cache of a full pass over ``batch``; only copies of its first max(cut) columns
     are kept. ``batch`` (after construction) is the suffix view: ``input_ids`` (B, S) and ``start[i] =
     start_i - cut_i`` so that :func:`helpers.scoring.target_token_logprobs` reads the right columns, as long
-    as every row's target starts after its cut (``cut[i] <= last prompt position``).
+    as every row's target starts after its cut (``cut[i] <= last prompt position``). The pass itself
+    (:meth:`model_inputs`, ``cols``, ``valid``) runs S - 1 columns: each row without its last token, whose
+    logits nothing reads (the longest suffixes here are 5-9 tokens: 11-20% of the pass).
     """
 
     full: Batch
@@ -61,19 +63,24 @@ class SuffixPass:
         cut = torch.tensor(cuts, dtype=torch.long, device=dev)
         self.cut, self.cuts = cut, cuts
         self.P = max(cuts)
+        # A row's last token is read (as the last target id) but never run: no logit after it is scored.
         S = max(e - c for e, c in zip(ends, cuts))
         cols = cut[:, None] + torch.arange(S, device=dev)[None]  # (B, S) original column of each suffix column
-        valid = cols < torch.tensor(ends, device=dev)[:, None]
-        self.cols = cols.clamp(max=T - 1)
-        self.valid = valid
-        ids = torch.where(valid, b.input_ids.gather(1, self.cols), torch.zeros_like(self.cols))
-        pos = torch.where(valid, b.position_ids.gather(1, self.cols), torch.zeros_like(self.cols))
+        end_t = torch.tensor(ends, device=dev)[:, None]
+        valid = cols < end_t
+        cols = cols.clamp(max=T - 1)
+        ids = torch.where(valid, b.input_ids.gather(1, cols), torch.zeros_like(cols))
+        pos = torch.where(valid, b.position_ids.gather(1, cols), torch.zeros_like(cols))
+        S_run = S - 1
+        self.cols = cols[:, :S_run]
+        self.valid = (cols < end_t - 1)[:, :S_run]
         past_mask = (torch.arange(self.P, device=dev)[None] < cut[:, None]) & (b.attention_mask[:, : self.P] > 0)
-        self.attention_mask = torch.cat([past_mask, valid], 1).long()
-        self.input_ids, self.position_ids = ids, pos
+        self.attention_mask = torch.cat([past_mask, self.valid], 1).long()
+        self.input_ids, self.position_ids = ids[:, :S_run], pos[:, :S_run]
         # copies of the P prefix columns only (the full pass's cache and its graph can then be freed)
         self.kv = [(k[:, :, : self.P].detach().clone(), v[:, :, : self.P].detach().clone())
                    for k, v in _layers_kv(cache)]
+        # the scoring view: every suffix token (the target ids are read from it), one column wider than the pass
         self.batch = Batch(ids, valid.long(), pos, list(b.prompt_len), list(b.target_len),
                            [s - c for s, c in zip(b.start, cuts)])
 

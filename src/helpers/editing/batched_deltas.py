@@ -60,14 +60,15 @@ def _cut_kind(noise: _NoiseRows | None, k: int) -> str:
 
 
 def _pass_length(tok, fact, cut_kind: str) -> int:
-    """Positions one of fact's rows needs in a pass (the longest row): from its cut to the end of its target."""
+    """Positions the longest of fact's rows runs in a pass: from its cut to its last target token but one (a
+    suffix pass runs no position whose logits nothing reads), or the whole row for a full pass."""
     texts, targets, _, ranges = fact
     b = scoring.make_batch(tok, texts, targets)
     ends = [s + p + t for s, p, t in zip(b.start, b.prompt_len, b.target_len)]
     if cut_kind == "none":
         return max(ends)
     cuts = [e - 1 if cut_kind == "subject_end" else s for s, e in ranges]
-    return max(e - c for e, c in zip(ends, cuts))
+    return max(e - c for e, c in zip(ends, cuts)) - 1
 
 
 def pass_groups(lengths: Sequence[int], rows: int, overhead: float | None = None) -> list[list[int]]:
