@@ -206,6 +206,30 @@ def test_fast_mode_under_subject_noise_recomputes_from_the_subject(tiny, method,
     assert len(made) == 1  # code-position noise lands in the prefix: full passes only
 
 
+def test_memit_window_passes_replay_the_stream_below_the_window(tiny, monkeypatch):
+    """Clean MEMIT requests with a window above layer 0 (layers 1-2 of the 4-layer model): the key passes of
+    the window's second layer replay the stream entering layer 1 recorded by the first layer's passes (the
+    templates' keys and the bare prompts' z-layer outputs: two replays), and the edits still agree with the
+    one-fact path, which runs every pass from the embeddings."""
+    from helpers import hooks
+
+    reqs = [r for r in _requests() if r.noise is None]
+    hp = {**HP["memit"], "window": 2}
+    assert list(E.edit_layers(tiny.model, "memit", 2, hp)) == [1, 2]
+    calls, real = [], hooks.resume_at
+
+    def spy(model, layer, hidden, force=False):
+        calls.append(layer)
+        return real(model, layer, hidden, force)
+
+    one = [E.edit(tiny.model, tiny.tok, r, "memit", 2, hp, stats=tiny.stats, templates=tiny.templates) for r in reqs]
+    monkeypatch.setattr(hooks, "resume_at", spy)
+    many = BT.edit_many(tiny.model, tiny.tok, reqs, "memit", 2, hp, stats=tiny.stats, templates=tiny.templates,
+                        exact=False)
+    assert calls.count(1) == 2
+    _assert_same_edits(tiny, reqs, many, one, "memit")
+
+
 def test_pass_groups_known_answers():
     """Facts of 22 rows with these suffix lengths: one pass pads 8 facts to 8 positions (1,408 row-positions +
     32); [5, 5] | [7 x 5] | [8] costs 220 + 770 + 176 + 3 x 32 = 1,262, the least."""

@@ -3,6 +3,7 @@ rank-one (ROME) or spread-over-the-window (MEMIT) updates, exact or in fast mode
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Sequence
 
@@ -12,7 +13,7 @@ from .. import hooks, models, scoring
 from . import memit, rome
 from .base import Edit, EditError, EditRequest, fill, subject_ranges
 from .batched_deltas import _optimize_deltas
-from .batched_input_noise import _NoiseRows, _OneFact
+from .batched_input_noise import _noised, _NoiseRows, _OneFact
 from .batched_rows import segments_from
 from .memit import MemitHparams
 from .per_example import _per_example, _PerExample
@@ -32,10 +33,12 @@ def _through_subject(tok, template: str, subject: str, e: int) -> str:
 
 def _keys_many(model, tok, filled_templates: Sequence[Sequence[str]], requests: Sequence[EditRequest],
                layer: int, noise: _NoiseRows | None, pe: _PerExample | None = None,
-               block_layer: int | None = None):
+               block_layer: int | None = None, below: dict | None = None):
     """Per fact k: down-projection (input (n_k, d_ff), output (n_k, d_model)) at the last subject token of each
     of its filled templates, in one pass (stopped after the last module needed); with ``block_layer``, also
-    block ``block_layer``'s output at those positions."""
+    block ``block_layer``'s output at those positions. ``below`` = {"layer": ℓ0}: the stream entering block ℓ0
+    is recorded into it by the first call and replayed by later calls on the same texts (MEMIT's passes over
+    its window: nothing below the window's first layer changes between them)."""
     texts, pos, blocks, counts = [], [], [], []
     for k, (temps, req) in enumerate(zip(filled_templates, requests)):
         ranges = subject_ranges(tok, temps, req.subject)
@@ -54,8 +57,18 @@ def _keys_many(model, tok, filled_templates: Sequence[Sequence[str]], requests: 
         noise.set_rows(blocks)
     if pe is not None:
         pe.set_segments(segments_from(counts))
-    with torch.no_grad(), hooks.trace(model, names, retain_input=True, retain_output=True, stop=True) as tr:
+    reuse, record = contextlib.nullcontext(), None
+    if below is not None and below["layer"] > 0:
+        if "stream" in below:
+            reuse = hooks.resume_at(model, below["layer"], below["stream"])
+        else:  # the output of the block below (a pass may stop inside block ℓ0, before its input is handed over)
+            record = models.module_name(model, "block", below["layer"] - 1)
+            names = [record, *names]
+    with torch.no_grad(), reuse, \
+            hooks.trace(model, names, retain_input=True, retain_output=True, stop=True) as tr:
         model(**batch.model_inputs())
+    if record is not None:
+        below["stream"] = tr.outputs[record]
     rows = torch.arange(len(texts), device=dev)
     p = torch.tensor(pos, device=dev)
     k_in, k_out = tr.inputs[name][rows, p].float(), tr.outputs[name][rows, p].float()
@@ -177,12 +190,17 @@ def _memit_many(model, tok, requests, layers, hp: MemitHparams, stats: SecondMom
         infos[k].update(z=z[k], z_layer=z_layer, h_init=h_init[k], residual_norms=[])
     n = len(layers)
     pe = _PerExample(model, factors={})
+    # clean rows: the stream entering the window's first layer is the same in every pass below (fresh input noise
+    # is drawn in every pass, as the one-fact path draws it: then every pass runs from the embeddings)
+    clean = not _noised(noise, range(K))
+    below_keys = {"layer": layers[0]} if clean else None
+    below_bare = {"layer": layers[0]} if clean else None
     for i, layer in enumerate(layers):
         # earlier layers' updates through per-row hooks (the one-fact path writes them into the weights)
         with _per_example(model, pe):
-            keys = _keys_many(model, tok, full, requests, layer, noise, pe)
+            keys = _keys_many(model, tok, full, requests, layer, noise, pe, below=below_keys)
             bare = _keys_many(model, tok, [[r.template] for r in requests], requests, z_layer, noise, pe,
-                              block_layer=z_layer)
+                              block_layer=z_layer, below=below_bare)
         ks = []
         for k in range(K):
             k_all, j, gm = keys[k][0], 0, []
