@@ -85,6 +85,7 @@ def test_convert_gguf_gives_a_loadable_float32_folder(tiny, tmp_path, arch):
     assert all(torch.equal(state[k], ref[k]) for k in ref)
 
     gmodel, gtok = _from_gguf(path)
+    gmodel.set_attn_implementation(model.config._attn_implementation)  # load_model: eager on a CPU
     text = "The Eiffel Tower is located in the city of Paris"
     assert tok(text).input_ids == gtok(text).input_ids
     ids = torch.tensor([gtok(text).input_ids])
