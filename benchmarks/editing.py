@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--essence", type=int, default=5, help="essence texts per fact (0: none)")
     ap.add_argument("--n-tokens", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--attn", default=None, choices=["sdpa", "eager"],
+                    help="transformers' attention function (default: its default, sdpa; eager is faster for short "
+                         "passes on a CPU but not thread-count invariant)")
     ap.add_argument("--loop-reuse", action="store_true",
                     help="let the one-fact path reuse the layers below the edit too (default: off, the naive path)")
     ap.add_argument("--bf16", action="store_true",
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     folder = pick_model(args)
-    model, tok = models.load_model(folder)
+    model, tok = models.load_model(folder, attn_implementation=args.attn)
     if args.hparams is None:
         args.hparams = args.model if args.model in NAMED_MODELS else "world"
     L = models.n_layers(model)
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     sigma = 0.1 if args.data is None else noise_sigma(model, tok, list(facts["subject"]))
     print(f"model {folder} ({L} layers, d_model/d_ff {models.dims(model)}); {len(fact_rows)} facts x layers "
           f"{layers}; methods {methods}; problems {problems}; chunk {args.chunk}; "
-          f"mode {'exact' if args.exact else 'fast'}; threads {torch.get_num_threads()}; reuse below the edit: "
+          f"mode {'exact' if args.exact else 'fast'}; attention {model.config._attn_implementation}; "
+          f"threads {torch.get_num_threads()}; reuse below the edit: "
           f"one-fact {'on' if args.loop_reuse else 'off'}, batched {'off' if args.no_batched_reuse else 'on'}")
 
     cells = {}  # (problem, method) -> tasks, hparams
