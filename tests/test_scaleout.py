@@ -154,8 +154,10 @@ def test_a_worker_that_keeps_dying_stops_the_unit_not_the_saved_rows(standin, tm
         with pytest.raises(scaleout.UnitLost, match="edit unit 0"):
             sweep.run_cell(study.model, study.tok, facts, cfg, out, tmp_path / "b", executor=ex)
         saved = tables.read_table(out)
-        # units 1 and 2, not unit 0 (the sweep's first two facts in its batch order)
-        assert set(saved["case_id"]) < set(facts["case_id"]) and saved["case_id"].nunique() == len(facts) - 2
+        pre = sweep.pre_edit(study.model, study.tok, facts, "ei", cfg.sigma, tmp_path / "b", cfg.options,
+                             cfg.essence_samples)
+        order = sweep.in_batch_order(study.tok, [f for _, f in facts.iterrows()], pre, cfg)
+        assert set(saved["case_id"]) == {int(f["case_id"]) for f in order[2:]}  # units 1 and 2, not unit 0
         monkeypatch.delenv(scaleout.FAULT_ENV)
         done = sweep.run_cell(study.model, study.tok, facts, cfg, out, tmp_path / "b", executor=ex)
     finally:

@@ -96,7 +96,10 @@ def test_interrupted_sweep_resumes_to_the_same_table(lm, facts, tmp_path):
     fs = facts.head(3)
     full = sweep.run_cell(model, tok, fs, _cell(), tmp_path / "a" / "t.parquet", tmp_path / "a")
     part = sweep.run_cell(model, tok, fs, _cell(), tmp_path / "b" / "t.parquet", tmp_path / "b", stop_after=1)
-    assert len(part) == 2 and part["case_id"].nunique() == 1  # one fact (the first in batch order) at two layers
+    cfg = _cell()
+    pre = sweep.pre_edit(model, tok, fs, "ei", cfg.sigma, tmp_path / "b", cfg.options, cfg.essence_samples)
+    first = sweep.in_batch_order(tok, [f for _, f in fs.iterrows()], pre, cfg)[0]
+    assert len(part) == 2 and set(part["case_id"]) == {int(first["case_id"])}  # the first fact, at two layers
     resumed = sweep.run_cell(model, tok, fs, _cell(), tmp_path / "b" / "t.parquet", tmp_path / "b")
     assert len(full) == 6 and (full["status"] == "ok").all()
     pd.testing.assert_frame_equal(_without_time(full), _without_time(resumed))

@@ -10,6 +10,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from torch import nn
@@ -17,6 +18,10 @@ from torch import nn
 from . import models, pipeline, tables
 
 log = logging.getLogger(__name__)
+
+
+if TYPE_CHECKING:
+    from .sweep import CellConfig
 
 
 @dataclass
@@ -101,6 +106,15 @@ class Study:
     def edit_layers(self) -> list[int]:
         """The study's central edit layers (``editing.layers``)."""
         return self._layers(self.profile.editing.get("layers", "all"))
+
+    def cell_config(self, method: str, problem: str) -> "CellConfig":
+        """The sweep settings of one editing cell (its layers, hyperparameters, σ, batch size, exact mode); the
+        problem options and essence samples that key the pre-edit rows are the sweep's defaults."""
+        from .sweep import CellConfig
+
+        return CellConfig(method, problem, self.cell_layers(method, problem), self.hparams(method, problem),
+                          sigma=self.sigma, batch_size=int(self.profile.editing.get("batch_size", 8)),
+                          exact=bool(self.profile.editing.get("exact", False)))
 
     def cell_layers(self, method: str, problem: str) -> list[int]:
         """One cell's central edit layers: its own ``layers``, else the study's."""
@@ -203,7 +217,7 @@ class Study:
         the facts its cells edit (every method of a problem edits the same facts from the same pre-edit state).
         Returns ``{"layers": [...], "keys": keys per layer, "d_ff": key dimension, "templates": count,
         "pre": {problem: facts}}``."""
-        from .sweep import CellConfig, pre_edit
+        from .sweep import pre_edit
 
         out = {"layers": [], "keys": 0, "d_ff": models.dims(self.model)[1], "templates": 0, "pre": {}}
         if not self.profile.runs_editing:
@@ -214,11 +228,11 @@ class Study:
             out.update(keys=min(self.stats.counts[l] for l in layers), templates=len(self.templates.rome))
         ed = self.profile.editing
         for problem in ed.get("problems", []):
-            cells = [self.cell_facts(m, problem) for m in ed.get("methods", [])]
-            if not cells:
+            methods = ed.get("methods", [])
+            if not methods:
                 continue
-            facts = pd.concat(cells).drop_duplicates("case_id")
-            cfg = CellConfig("", problem, [])  # the cells' own defaults for what the pre-edit cache is keyed by
+            facts = pd.concat([self.cell_facts(m, problem) for m in methods]).drop_duplicates("case_id")
+            cfg = self.cell_config(methods[0], problem)  # what keys the pre-edit rows is the same for every method
             pre_edit(self.model, self.tok, facts, problem, self.sigma, self.results, cfg.options,
                      cfg.essence_samples)
             out["pre"][problem] = len(facts)

@@ -163,12 +163,8 @@ def run_cell(
     key = _fingerprint("cell", {k: v for k, v in asdict(cfg).items() if k != "batch_size"}, _model_id(model))
     done = _read_if_same(out_path, key, pd.DataFrame(columns=KEY))
     done_keys = set(map(tuple, done[KEY].astype(int).values.tolist()))
-    todo = [f for _, f in facts.iterrows() if any((int(f["case_id"]), l) not in done_keys for l in cfg.layers)]
-    if cfg.batch_size > 1 and len(todo) > 1:  # chunks of facts whose passes have similar lengths (less padding)
-        from .editing import batched
-
-        reqs = [_task_from_pre(f, pre.loc[int(f["case_id"])], prob.key, cfg.sigma, cfg.options).request for f in todo]
-        todo = [todo[k] for k in batched.batch_order(tok, reqs, cfg.method)]
+    todo = in_batch_order(tok, [f for _, f in facts.iterrows()
+                                if any((int(f["case_id"]), l) not in done_keys for l in cfg.layers)], pre, cfg)
     if stop_after is not None:
         todo = todo[:stop_after]
     new_rows: list[dict] = []
@@ -193,6 +189,18 @@ def run_cell(
         tables.write_table(_combine(done, new_rows), out_path, key)  # committed per chunk, atomically
     bar.close()
     return _combine(done, new_rows)
+
+
+def in_batch_order(tok, facts: list, pre: pd.DataFrame, cfg: CellConfig) -> list:
+    """``facts`` (rows) in the order the sweep cuts them into chunks: facts whose passes have similar lengths
+    together (:func:`helpers.editing.batched.batch_order`; less padding), or as given for one-fact chunks."""
+    if cfg.batch_size <= 1 or len(facts) <= 1:
+        return list(facts)
+    from .editing import batched
+
+    prob = get_problem(cfg.problem)
+    reqs = [_task_from_pre(f, pre.loc[int(f["case_id"])], prob.key, cfg.sigma, cfg.options).request for f in facts]
+    return [facts[k] for k in batched.batch_order(tok, reqs, cfg.method)]
 
 
 def _run_units(executor, todo: list, done: pd.DataFrame, done_keys: set, pre: pd.DataFrame, cfg: CellConfig,

@@ -50,13 +50,13 @@ def _prime(model, name: str, layer: int, batch, cut: torch.Tensor, suffixes: dic
 PASS_OVERHEAD_POSITIONS = 32
 
 
-def _cut_kind(noise: _NoiseRows | None, k: int) -> str:
-    """Where fact k's rows are cut for suffix passes: "subject_end" (clean rows: from the last subject token),
-    "subject_start" (fresh noise on the subject: from its first token) or "none" (other noise: full rows)."""
-    if not _noised(noise, [k]):
+def cut_kind(spec) -> str:
+    """Where a fact's rows are cut for suffix passes, by its input noise (a ``NoiseSpec`` or None):
+    "subject_end" (clean rows: from the last subject token), "subject_start" (fresh noise on the subject: from
+    its first token) or "none" (noise at the code's positions, inside the prefix: full rows)."""
+    if spec is None or spec.sigma == 0:
         return "subject_end"
-    spec = noise.specs[k]
-    return "subject_start" if spec is None or spec.positions == "subject" else "none"
+    return "subject_start" if spec.positions == "subject" else "none"
 
 
 def _pass_length(tok, fact, cut_kind: str) -> int:
@@ -132,7 +132,8 @@ def _optimize_deltas(
         groups = [ks for _, ks in sorted(by_len.items())]
     else:  # facts of similar pass length share a pass (padding to the longest row costs every step)
         prefix_ok = hooks.REUSE_BELOW
-        groups = pass_groups([_pass_length(tok, f, _cut_kind(noise, k) if prefix_ok else "none")
+        specs = noise.specs if noise is not None else [None] * K
+        groups = pass_groups([_pass_length(tok, f, cut_kind(specs[k]) if prefix_ok else "none")
                               for k, f in enumerate(facts)], per)
     passes = []
     dev = models.device_of(model)
