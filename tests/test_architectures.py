@@ -1,4 +1,5 @@
-"""Editing on the real-model architectures (issue 19): tiny Llama (no BOS, like SmolLM2) and Gemma 3 (its
+"""Editing on the real-model architectures (issue 19): tiny Llama (no BOS), Llama with a first token our code
+prepends (``scoring.set_bos``, as SmolLM2 gets ``<|endoftext|>``; here it is also the pad token) and Gemma 3 (its
 tokenizer prepends <bos>; embeddings scaled inside the embedding module; four norms per block) models trained
 here for a few seconds on the fact sentences of tests/test_editing.py.
 
@@ -63,9 +64,12 @@ class TinyArch:
 
     def __init__(self, arch: str, cache_dir: Path, steps: int = 300, seed: int = 0):
         torch.manual_seed(seed)
+        self.arch = arch
         self.docs = _corpus()
         self.tok = _tokenizer(self.docs, bos=arch == "gemma3")
-        self.model = _model(arch, len(self.tok))
+        if arch == "llama-bos":
+            scoring.set_bos(self.tok, "<|endoftext|>")
+        self.model = _model(arch.removesuffix("-bos"), len(self.tok))
         rng = random.Random(seed)
         seqs = [scoring.encode(self.tok, d) + [self.tok.eos_token_id] for d in self.docs]
         opt = torch.optim.AdamW(self.model.parameters(), lr=3e-3)
@@ -88,7 +92,7 @@ class TinyArch:
         return float(scoring.target_probs(self.model, self.tok, [text], [target])[0])
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "llama-bos", "gemma3"])
 def tiny(request, tmp_path_factory):
     return TinyArch(request.param, tmp_path_factory.mktemp(f"arch-{request.param}"))
 
@@ -103,12 +107,13 @@ REQUESTS = [
 def test_the_model_learnt_and_bos_is_handled(tiny):
     assert tiny.p("Zor Makken lives in", "Paris") + tiny.p("Zor Makken lives in", "Berlin") \
         + tiny.p("Zor Makken lives in", "Madrid") + tiny.p("Zor Makken lives in", "Rome") > 0.5
-    has_bos = tiny.model.config.model_type == "gemma3_text"
-    assert bool(scoring.bos(tiny.tok)) == has_bos
+    first = {"llama": [], "llama-bos": ["<|endoftext|>"], "gemma3": ["<bos>"]}[tiny.arch]
+    assert scoring.bos(tiny.tok) == tiny.tok.convert_tokens_to_ids(first)
+    has_bos = bool(first)
     b, e = B.subject_token_range(tiny.tok, "{} lives in", "Zor Makken")
     ids = scoring.encode(tiny.tok, "Zor Makken lives in")
     assert b == (1 if has_bos else 0) and tiny.tok.decode(ids[b:e]).strip() == "Zor Makken"
-    assert all("<bos>" not in t for t in tiny.templates.rome + tiny.templates.memit[1])
+    assert all("<bos>" not in t and "<|endoftext|>" not in t for t in tiny.templates.rome + tiny.templates.memit[1])
 
 
 @pytest.mark.parametrize("method", E.METHODS)

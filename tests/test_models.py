@@ -79,3 +79,32 @@ def test_fused_gelu_replaces_transformers_module_with_the_same_function(model_di
     assert (torch.nn.functional.gelu(x) - new_gelu(x)).abs().max() > 1e-4  # (the erf GELU would fail above)
     ids = torch.randint(1, 100, (2, 7))
     torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_named_model_conversion_gets_its_first_token(model_dirs, tmp_path):
+    """A converted folder whose marker records SmolLM2's GGUF sha256 loads with <|endoftext|> first (the named
+    model's prepend_bos), recorded in the config so fingerprint-keyed caches differ; bos_token=None and an
+    unmarked folder load without it."""
+    import json
+    import shutil
+
+    from helpers import scoring
+    from helpers.editing.base import model_fingerprint
+    from helpers.gguf_convert import MARKER
+    from helpers.named_models import NAMED_MODELS, prepend_bos_for
+
+    smol = NAMED_MODELS["smollm2-135m"]
+    assert prepend_bos_for(smol.gguf_sha256) == "<|endoftext|>"
+    assert prepend_bos_for(NAMED_MODELS["gemma3-270m"].gguf_sha256) is None  # its tokenizer adds <bos> itself
+    assert prepend_bos_for("0" * 64) is None and prepend_bos_for(None) is None
+    folder = tmp_path / "converted"
+    shutil.copytree(model_dirs["llama"], folder)
+    (folder / MARKER).write_text(json.dumps({"gguf_sha256": smol.gguf_sha256}))
+    model, tok = models.load_model(folder)
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert scoring.bos(tok) == [eot] and scoring.encode(tok, "a")[0] == eot
+    assert model.config.helpers_prepend_bos == "<|endoftext|>"
+    bare, bare_tok = models.load_model(folder, bos_token=None)
+    assert scoring.bos(bare_tok) == [] and model_fingerprint(bare) != model_fingerprint(model)
+    plain, plain_tok = models.load_model(model_dirs["llama"])  # no marker: nothing prepended
+    assert scoring.bos(plain_tok) == [] and not hasattr(plain.config, "helpers_prepend_bos")

@@ -109,3 +109,43 @@ def test_logits_only_at_target_positions_change_nothing(lm):
     with scoring.unembed_at(model, rows, cols):
         right = model(**b.model_inputs()).logits[0]
     assert right.shape == (sum(counts), len(tok)) and not torch.allclose(wrong, right)
+
+
+def test_set_bos_puts_the_token_first_in_every_path(lm):
+    """A prepended first token (SmolLM2's <|endoftext|>): encoding, scoring (padded either side) and generation
+    all see it; the manual product below is computed from raw ids, not through encode."""
+    from conftest import tiny_tokenizer
+
+    model, _ = lm
+    tok = tiny_tokenizer()  # its own copy: the session fixture stays without a BOS
+    plain = list(tok("The mother tongue of", add_special_tokens=False)["input_ids"])
+    y = list(tok(" French", add_special_tokens=False)["input_ids"])
+    scoring.set_bos(tok, "<|endoftext|>")
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert scoring.encode(tok, "The mother tongue of") == [eot] + plain
+    assert scoring.encode(tok, " French", bos_token=False) == y
+    logp = torch.log_softmax(model(input_ids=torch.tensor([[eot] + plain + y])).logits[0], -1)
+    want = sum(logp[len(plain) + j, y[j]].item() for j in range(len(y)))
+    prompts = ["The mother tongue of", "Danielle Darrieux is a native speaker of"]
+    for side in ("right", "left"):
+        got = scoring.target_logprobs(model, tok, prompts, ["French", "French"], padding_side=side)
+        assert got[0].item() == pytest.approx(want, abs=1e-5)
+    cont = scoring.generate(model, tok, ["The mother tongue of"], max_new_tokens=3)[0]
+    ids = torch.tensor([[eot] + plain])
+    for _ in range(3):
+        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert cont == tok.decode([i for i in ids[0, 1 + len(plain):].tolist() if i != eot]).strip()
+    scoring.set_bos(tok, None)
+    assert scoring.encode(tok, "The mother tongue of") == plain
+
+
+def test_set_bos_errors(bos_tokenizer):
+    from conftest import tiny_tokenizer
+
+    with pytest.raises(ValueError, match="already prepends"):
+        scoring.set_bos(bos_tokenizer, "<|endoftext|>")
+    assert scoring.bos(bos_tokenizer) == [bos_tokenizer.convert_tokens_to_ids("<bos>")]  # left as it was
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="no token"):
+        scoring.set_bos(tok, "<|no such token|>")
+    assert scoring.bos(tok) == []

@@ -18,7 +18,7 @@ from helpers import tracing as tr
 from helpers.hooks import trace
 from helpers.models import module_name
 from conftest import ARCHS, tiny_model
-from helpers import models
+from helpers import models, scoring
 
 torch.set_num_threads(1)
 
@@ -367,21 +367,24 @@ def test_concentrated_known_answers():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "llama-bos"])
 def test_fast_path_equals_reference_on_every_architecture(arch):
     """float32, 6 layers, windows 1/3/5/10, all three kinds: |p_fast - p_ref| < 1e-5 relative to p (a random
     model's p(target) is tiny). Gemma 3 runs with a BOS tokenizer and a sliding window (4) shorter than the
-    prompt, so the cached prefix must respect it."""
+    prompt, so the cached prefix must respect it; "llama-bos" with a first token our code prepends (SmolLM2's
+    <|endoftext|>, :func:`helpers.scoring.set_bos`)."""
     from conftest import BOS_ARCHS, tiny_model, tiny_tokenizer
 
     tk = tiny_tokenizer(bos=arch in BOS_ARCHS)
-    model = tiny_model(arch, len(tk), n_layer=6, seed=2).eval().requires_grad_(False)
+    if arch == "llama-bos":
+        scoring.set_bos(tk, "<|endoftext|>")
+    model = tiny_model(arch.removesuffix("-bos"), len(tk), n_layer=6, seed=2).eval().requires_grad_(False)
     assert tr.fast_path_supported(model)
     worst, effect = 0.0, 0.0
     for i in (2,):
         row = FACTS.iloc[i]
         f = tr.prepare_fact(tk, row.prompt, row.subject, row.target_true, row.case_id)
-        if arch in BOS_ARCHS:
+        if arch in BOS_ARCHS or arch == "llama-bos":
             assert f.ids[0] == tk.bos_token_id and f.b >= 1
             assert "".join(f.tokens[f.b:f.e]).strip() == row.subject
         noise = tr._noise_tensor(model, f, 0.5, 10, 1)

