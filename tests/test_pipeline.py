@@ -442,3 +442,20 @@ def test_stages_on_a_ray_pool_equal_the_local_run(standin_book, tmp_path):
                 pd.testing.assert_series_equal(x.astype(float), y.astype(float), rtol=1e-5, atol=1e-6, obj=c)
             else:
                 assert x.astype(str).tolist() == y.astype(str).tolist(), (table, c)
+
+
+def test_profile_bos_token_reaches_the_loaded_tokenizer(model_dirs, tmp_path):
+    """``bos_token`` in a profile: "auto" (default) loads a plain folder as it is; a token is prepended to every
+    text of the study's tokenizer; a token the vocabulary lacks is a clear error."""
+    from helpers import scoring
+    from helpers.study import Study
+
+    assert pipeline.load_profile("smollm2").bos_token == "auto"
+    for value, want in [("auto", []), ('"<|endoftext|>"', [0])]:
+        prof = tmp_path / f"p{len(want)}.yaml"
+        prof.write_text(f"model: {model_dirs['llama']}\ndata: known\nbos_token: {value}\n")
+        study = Study.open(str(prof), tmp_path / "r", tmp_path / "c")
+        assert scoring.bos(study.tok) == want
+    prof.write_text(f"model: {model_dirs['llama']}\ndata: known\nbos_token: '<|nope|>'\n")
+    with pytest.raises(ValueError, match="no token '<\\|nope\\|>'"):
+        Study.open(str(prof), tmp_path / "r", tmp_path / "c").tok

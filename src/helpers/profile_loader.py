@@ -23,6 +23,9 @@ DEFAULTS: dict[str, Any] = {
     "correctness_filter": True,  # keep only facts the model completes correctly (SCIENCE.md §1.3)
     "seed": 0,
     "device": "cpu",
+    # a token every text starts with, for a model whose tokenizer adds none: "auto" = the named model's rule
+    # (SmolLM2: "<|endoftext|>", its attention sink), null = none (the paper's code), or a token of the vocabulary
+    "bos_token": "auto",
     "tracing": {"windows": [1, 3, 5, 10], "kinds": ["mlp"], "samples": 10, "noise": "auto", "illustrative": 3},
     "editing": {
         "methods": ["ft1", "ft5", "rome", "memit"],

@@ -73,9 +73,10 @@ def set_bos(tok, token: str | None) -> None:
 
 
 def encode(tok, text: str, bos_token: bool = True) -> list[int]:
-    """Token ids of ``text``: the model's BOS (only for tokenizers that add one, see :func:`bos`) followed by
-    the text's tokens without other special tokens. Targets and text pieces appended to a prompt use
-    ``bos_token=False``. Every position computed in ``helpers`` counts from the first id returned here."""
+    """Token ids of ``text``: the model's BOS (for tokenizers that add one, or the token :func:`set_bos` gave;
+    see :func:`bos`) followed by the text's tokens without other special tokens. Targets and text pieces
+    appended to a prompt use ``bos_token=False``. Every position computed in ``helpers`` counts from the first
+    id returned here."""
     ids = list(tok(text, add_special_tokens=False)["input_ids"])
     return bos(tok) + ids if bos_token else ids
 

@@ -53,7 +53,7 @@ class Study:
 
     @functools.cached_property
     def _loaded(self) -> tuple[nn.Module, object]:
-        return models.load_model(self.model_path, device=self.profile.device)
+        return models.load_model(self.model_path, device=self.profile.device, bos_token=self.profile.bos_token)
 
     @property
     def model(self) -> nn.Module:

@@ -49,7 +49,8 @@ def sample_context_templates(
     memit_length: int = 10,
 ) -> ContextTemplates:
     """Sample the templates (no caching). ``rome_length_params`` = ((max_out_len, n_samples), ...)."""
-    # ROME samples from the end-of-text token; a model whose tokenizer prepends BOS starts from BOS alone.
+    # ROME samples from the end-of-text token; a model whose texts start with a BOS (its tokenizer's, or the token
+    # scoring.set_bos gave it: SmolLM2's <|endoftext|>) starts from that token alone.
     start = "" if scoring.bos(tok) else tok.eos_token
     rome = ["{}"]
     for j, (length, n) in enumerate(rome_length_params):
