@@ -11,10 +11,7 @@ PROFILE_HINT = "model: /path/to/file.gguf"
 def prepend_bos_for(gguf_sha256: str | None) -> str | None:
     """The :attr:`NamedModel.prepend_bos` of the named model whose GGUF file has this sha256 (so a named model
     passed by path, or converted earlier, gets it too), else None."""
-    for m in NAMED_MODELS.values():
-        if gguf_sha256 is not None and m.gguf_sha256 == gguf_sha256:
-            return m.prepend_bos
-    return None
+    return next((m.prepend_bos for m in NAMED_MODELS.values() if m.gguf_sha256 == gguf_sha256), None)
 
 
 @dataclass(frozen=True)

@@ -32,20 +32,24 @@ def with_space(target: str) -> str:
     return target if target.startswith(" ") else " " + target
 
 
-def bos(tok) -> list[int]:
-    """``[id]`` of the token every text starts with: the tokenizer's own BOS when it prepends one (Gemma's
-    ``<bos>``), or the token :func:`set_bos` gave a tokenizer that adds none (SmolLM2's ``<|endoftext|>``, set
-    by :func:`helpers.models.load_model`); else ``[]`` (GPT-2, the world tokenizer). Decided once per tokenizer
-    by encoding a probe string."""
-    cached = getattr(tok, "_helpers_bos", None)
-    if cached is not None:
-        return list(cached)
+def _own_bos(tok) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer itself prepends its BOS (probed by encoding "a"), else ``[]``."""
     bid = getattr(tok, "bos_token_id", None)
     if bid is None:
         return []
     ids = list(tok("a", add_special_tokens=True)["input_ids"])
     plain = list(tok("a", add_special_tokens=False)["input_ids"])
-    out = [bid] if ids[:1] == [bid] and plain[:1] != [bid] else []
+    return [bid] if ids[:1] == [bid] and plain[:1] != [bid] else []
+
+
+def bos(tok) -> list[int]:
+    """``[id]`` of the token every text starts with: the tokenizer's own BOS when it prepends one (Gemma's
+    ``<bos>``), or the token :func:`set_bos` gave a tokenizer that adds none (SmolLM2's ``<|endoftext|>``, set
+    by :func:`helpers.models.load_model`); else ``[]`` (GPT-2, the world tokenizer). Decided once per tokenizer."""
+    cached = getattr(tok, "_helpers_bos", None)
+    if cached is not None:
+        return list(cached)
+    out = _own_bos(tok)
     try:
         tok._helpers_bos = tuple(out)
     except AttributeError:  # pragma: no cover - tokenizers that refuse attributes: recompute each time
@@ -55,19 +59,15 @@ def bos(tok) -> list[int]:
 
 def set_bos(tok, token: str | None) -> None:
     """Make every text :func:`encode` returns start with ``token`` (for a model that needs a first token to
-    use as its attention sink but whose tokenizer adds none), or with nothing (``None``). Raises a ValueError
-    for a token the vocabulary lacks, or when the tokenizer already prepends its own BOS."""
-    own = getattr(tok, "_helpers_bos", None)
-    tok._helpers_bos = None
-    if token is not None and bos(tok):
-        tok._helpers_bos = own
-        raise ValueError(f"the tokenizer already prepends {tok.bos_token!r}; cannot prepend {token!r} as well")
+    use as its attention sink but whose tokenizer adds none), or with nothing (``None``). Raises a ValueError,
+    leaving the tokenizer as it was, for a token the vocabulary lacks or when the tokenizer prepends its own BOS."""
     if token is None:
         tok._helpers_bos = ()
         return
+    if _own_bos(tok):
+        raise ValueError(f"the tokenizer already prepends {tok.bos_token!r}; cannot prepend {token!r} as well")
     tid = tok.convert_tokens_to_ids(token)
-    if tid is None or tid == getattr(tok, "unk_token_id", None) and token != getattr(tok, "unk_token", None):
-        tok._helpers_bos = own
+    if tid is None or (tid == getattr(tok, "unk_token_id", None) and token != getattr(tok, "unk_token", None)):
         raise ValueError(f"the tokenizer has no token {token!r} to prepend")
     tok._helpers_bos = (int(tid),)
 
