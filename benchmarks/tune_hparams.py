@@ -8,7 +8,7 @@ same layers through the production path (``editing.batched.edit_many``) and prin
         --point "rome:kl_factor=0.0625" --point "rome:kl_factor=0.0625,v_num_grad_steps=30" \\
         --point "memit:mom2_update_weight=1500"
 
-``--out`` appends every edit's row (with the point's text) to a CSV file.
+``--out`` appends every edit's row (with the point's text) to a CSV file, after each point and layer.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ import edit_quality as Q  # noqa: E402
 from helpers import editing as E  # noqa: E402
 from helpers import models  # noqa: E402
 from helpers.editing.batched import edit_many  # noqa: E402
+
+
+#: --out's columns (a failed edit's row leaves the scores empty)
+COLUMNS = ["point", "layer", "case_id", "status", "rewrite", "paraphrase", "paraphrase_first", "neighborhood",
+           "neighborhood_acc", "neighborhood_acc_pre", "p_new_post", "seconds"]
 
 
 def parse_point(text: str) -> tuple[str, dict]:
@@ -77,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: {len(facts)} passing facts (after {args.skip}), layers {layers}, problem {args.problem}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'point':55s} {'layer':>5s} {'RS':>6s} {'PS':>6s} {'NS':>6s} {'NA':>6s} {'s/edit':>7s}", flush=True)
-    rows = []
     for text, (method, over) in zip(args.point, points):
         hp = E.load_hparams(family, method, args.problem)
         hp.update(over)
@@ -102,10 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{text:55s} {layer:5d} {ok['rewrite'].mean():6.3f} {ok['paraphrase'].mean():6.3f} "
                   f"{ok['neighborhood'].mean():6.3f} {ok['neighborhood_acc'].mean():6.3f} {sec:7.2f}"
                   + (f"  ({len(df) - len(ok)} failed)" if len(ok) < len(df) else ""), flush=True)
-            rows += sub
-    if args.out:
-        out = Path(args.out)
-        pd.DataFrame(rows).to_csv(out, mode="a", header=not out.exists(), index=False)
+            if args.out:  # after every (point, layer): an interrupted grid keeps what it measured
+                out = Path(args.out)
+                df.reindex(columns=COLUMNS).to_csv(out, mode="a", header=not out.exists(), index=False)
     return 0
 
 

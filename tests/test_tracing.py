@@ -315,6 +315,21 @@ def test_effects_known_answers():
     assert paper.subj_effect_fraction.tolist() == pytest.approx([0.5, 1.25, -0.125])
 
 
+def test_last_subject_by_layer_is_a_ratio_of_means():
+    # fact 1: gap .4, last subject (token 1) restores .2 / .5 at layers 0 / 1; fact 2: gap 1e-4 and an effect of
+    # 1e-3 at layer 0 (a per-fact ratio of 10 that a mean of ratios would report as the layer's share)
+    t = pd.concat([
+        hand_table(0.5, 0.1, [[0.1, 0.1], [0.3, 0.6], [0.1, 0.1]], b=1, e=2, case_id=1),
+        hand_table(0.1001, 0.1, [[0.1, 0.1], [0.101, 0.1], [0.1, 0.1]], b=1, e=2, case_id=2),
+    ])
+    share = tr.last_subject_by_layer(t, window=5)
+    gap = (0.4 + 1e-4) / 2
+    assert share.tolist() == pytest.approx([(0.2 + 1e-3) / 2 / gap, 0.5 / 2 / gap])
+    assert share.max() < 1.26  # not ~5 as the mean of per-fact ratios (10 and .5) would give
+    flat = hand_table(0.3, 0.3, [[0.3, 0.3], [0.3, 0.3]], b=1, e=2)  # no gap anywhere: 0, not inf or NaN
+    assert tr.last_subject_by_layer(flat, window=5).tolist() == [0.0, 0.0]
+
+
 def test_effects_zero_denominator_is_flagged_not_nan(caplog):
     t = pd.concat([
         hand_table(0.3, 0.3, [[0.3, 0.3], [0.2, 0.3]], b=1, e=2, case_id=1),  # corruption changed nothing

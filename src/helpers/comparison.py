@@ -216,8 +216,9 @@ def meaning_sentence(label: str, n_params: int, r: pd.Series) -> str:
 
 
 def last_subject_share(study: Study, window: int) -> float:
-    """Mean over facts of the share of the corrupted-to-clean gap that restoring the MLP outputs at the last
-    subject token recovers (the paper's denominator), at the best central layer (window ``window``)."""
+    """Share of the mean corrupted-to-clean gap that restoring the MLP outputs at the last subject token
+    recovers (the paper's denominator; :func:`~helpers.tracing_effects.last_subject_by_layer`), at the best
+    central layer (window ``window``)."""
     from .tracing_effects import last_subject_by_layer
 
     return float(last_subject_by_layer(tables.read_table(study.results / "tracing.parquet"), window).max())
