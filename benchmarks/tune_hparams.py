@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: {len(facts)} passing facts (after {args.skip}), layers {layers}, problem {args.problem}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'point':55s} {'layer':>5s} {'RS':>6s} {'PS':>6s} {'NS':>6s} {'NA':>6s} {'s/edit':>7s}", flush=True)
+    out = Path(args.out) if args.out else None
     for text, (method, over) in zip(args.point, points):
         hp = E.load_hparams(family, method, args.problem)
         hp.update(over)
@@ -106,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{text:55s} {layer:5d} {ok['rewrite'].mean():6.3f} {ok['paraphrase'].mean():6.3f} "
                   f"{ok['neighborhood'].mean():6.3f} {ok['neighborhood_acc'].mean():6.3f} {sec:7.2f}"
                   + (f"  ({len(df) - len(ok)} failed)" if len(ok) < len(df) else ""), flush=True)
-            if args.out:  # after every (point, layer): an interrupted grid keeps what it measured
-                out = Path(args.out)
+            if out:  # after every (point, layer): an interrupted grid keeps what it measured
                 df.reindex(columns=COLUMNS).to_csv(out, mode="a", header=not out.exists(), index=False)
     return 0
 

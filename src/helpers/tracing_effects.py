@@ -155,6 +155,6 @@ def last_subject_by_layer(table: pd.DataFrame, window: int, kind: str = "mlp") -
     over facts of p_clean - p_corrupt (the paper's denominator). A ratio of means: a mean of per-fact ratios is
     dominated by any fact whose corruption barely moved p (SmolLM2, 100 facts: one gap of 4e-5 made it 20)."""
     eff = effects(table[(table["kind"] == kind) & (table["window"] == window)], denominator="paper")
-    by = eff.assign(gap=eff["p_clean"] - eff["p_corrupt"]).groupby("layer")
-    gap = by["gap"].mean()
+    by = eff.groupby("layer")  # with the paper's denominator, "denominator" is p_clean - p_corrupt (unclipped)
+    gap = by["denominator"].mean()
     return (by["subj_effect"].mean() / gap.where(gap > 0)).fillna(0.0)
