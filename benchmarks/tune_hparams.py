@@ -9,12 +9,25 @@ same layers through the production path (``editing.batched.edit_many``) and prin
         --point "memit:mom2_update_weight=1500"
 
 ``--out`` appends every edit's row (with the point's text) to a CSV file, after each point and layer.
+
+``--profile NAME`` tunes any of the five problems instead (App. A tunes each one): the facts are the profile's
+kept facts (its ``01_data`` stage must have run; Fact Erasure keeps those with p(o_true) > .02), σ is the
+profile's, and every point runs the production sweep (``helpers.sweep.run_cell``: the problem's target,
+direction and input noise, its metrics) without essence texts, into ``results/<NAME>/tuning/<problem>/`` (a
+re-run resumes each point where it stopped):
+
+    python benchmarks/tune_hparams.py --profile smollm2 --problem fa --facts 100 --layers 6 \\
+        --point "ft1:norm_constraint=1e-3" --point "ft1:norm_constraint=1e-2"
+
+Every line prints the means of RS, PS, NS and S = their harmonic mean (ROME's CounterFact score; App. A's
+choice here) and the seconds per edit (edit and evaluation).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,13 +57,21 @@ def parse_point(text: str) -> tuple[str, dict]:
         k, sep, v = item.partition("=")
         if not sep:
             raise SystemExit(f"--point {text!r}: expected METHOD:KEY=VALUE,...")
-        over[k.strip()] = yaml.safe_load(v)
+        val = yaml.safe_load(v)
+        if isinstance(val, str):  # YAML 1.1 reads "1e-3" as text
+            try:
+                val = float(val)
+            except ValueError:
+                pass
+        over[k.strip()] = val
     return method.strip(), over
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--profile", default=None, help="tune on this profile's facts, σ and sweep (any problem)")
+    ap.add_argument("--results", default="results")
     ap.add_argument("--data", default="known")
     ap.add_argument("--corpus", default="wikitext")
     ap.add_argument("--n-tokens", type=int, default=100000)
@@ -67,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    if args.profile:
+        return tune_profile(args)
+    if not args.model:
+        ap.error("give --model (Error Injection on its passing facts) or --profile (any problem)")
+    if args.problem not in ("error_injection", "ei"):
+        ap.error("--model tunes Error Injection only; use --profile for the other problems")
     from helpers.corpus import corpus_for
 
     model, tok = models.load_model(args.model)
@@ -109,6 +136,48 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"  ({len(df) - len(ok)} failed)" if len(ok) < len(df) else ""), flush=True)
             if out:  # after every (point, layer): an interrupted grid keeps what it measured
                 df.reindex(columns=COLUMNS).to_csv(out, mode="a", header=not out.exists(), index=False)
+    return 0
+
+
+def hmean(*xs: float) -> float:
+    """Harmonic mean (0 when any is 0)."""
+    return 0.0 if min(xs) <= 0 else len(xs) / sum(1 / x for x in xs)
+
+
+def tune_profile(args) -> int:
+    """``--profile``: every point is one sweep cell (``helpers.sweep.run_cell``) on the profile's kept facts."""
+    from helpers import sweep
+    from helpers.data import erasure_filter
+    from helpers.problems import get_problem
+    from helpers.study import Study
+
+    prob = get_problem(args.problem)
+    study = Study.open(args.profile, Path(args.results) / args.profile, args.cache)
+    facts = study.facts.iloc[args.skip : args.skip + args.facts]
+    if prob.key == "fe":
+        facts = erasure_filter(facts)
+    layers = [int(x) for x in args.layers.split(",")]
+    folder = study.results / "tuning" / prob.key
+    print(f"{args.profile}: {len(facts)} kept facts (after {args.skip}), layers {layers}, problem {prob.name}, "
+          f"sigma {study.sigma:.4g}, {torch.get_num_threads()} threads")
+    print(f"{'point':55s} {'layer':>5s} {'RS':>6s} {'PS':>6s} {'NS':>6s} {'S':>6s} {'s/edit':>7s}", flush=True)
+    for text in args.point:
+        method, over = parse_point(text)
+        cfg = study.cell_config(method, prob.key)
+        cfg.layers, cfg.essence_samples, cfg.batch_size = layers, 0, args.batch
+        cfg.hparams = {**cfg.hparams, **over}
+        slug = re.sub(r"[^A-Za-z0-9.=_-]+", "_", text)
+        table = sweep.run_cell(study.model, study.tok, facts, cfg, folder / f"{slug}.parquet", folder,
+                               stats=study.stats if method in ("rome", "memit") else None,
+                               templates=study.templates if method in ("rome", "memit") else None)
+        scored = sweep.scored(table)
+        for layer in layers:
+            ok = scored[scored["central_layer"] == layer]
+            n_bad = int((table["central_layer"] == layer).sum()) - len(ok)
+            rs, ps, ns = (float(ok[c].mean()) for c in ("rewrite", "paraphrase", "neighborhood"))
+            sec = float(table.loc[table["central_layer"] == layer, "seconds"].mean())
+            print(f"{text:55s} {layer:5d} {rs:6.3f} {ps:6.3f} {ns:6.3f} {hmean(rs, ps, ns):6.3f} {sec:7.2f}"
+                  + (f"  ({n_bad} failed)" if n_bad else ""), flush=True)
     return 0
 
 

@@ -167,6 +167,26 @@ def test_pre_edit_quantities_are_cached_per_problem(lm, facts, tmp_path, monkeyp
     assert list(pre["case_id"]) == [0, 1] and (pre["target"] == facts.head(2)["target_true"].values).all()
 
 
+def test_no_essence_samples_skips_essence_and_keeps_the_scores(lm, facts, tmp_path, monkeypatch):
+    """essence_samples=0 (tuning): no essence text is sampled, the essence columns are NaN, and the edit's
+    rewrite, paraphrase and neighborhood probabilities are those of a run with essence texts."""
+    model, tok = lm
+    with_essence = sweep.run_cell(model, tok, facts.head(2), _cell("ft1", "fa"), tmp_path / "a.parquet",
+                                  tmp_path / "a")
+    calls = []
+    monkeypatch.setattr(evaluation, "essence_texts", lambda *a, **k: calls.append(1) or ["x is a y"])
+    cfg = _cell("ft1", "fa")
+    cfg.essence_samples = 0
+    without = sweep.run_cell(model, tok, facts.head(2), cfg, tmp_path / "b.parquet", tmp_path / "b")
+    assert calls == [] and (without["status"] == "ok").all()
+    assert without["essence_ppl_pre"].isna().all() and without["essence_ppl_post"].isna().all()
+    assert with_essence["essence_ppl_post"].notna().all()
+    for col in ("rewrite_pre", "rewrite_post"):
+        assert torch.allclose(torch.tensor(without[col].values), torch.tensor(with_essence[col].values))
+    scored = sweep.scored(without)
+    assert scored["essence"].isna().all() and scored["rewrite"].notna().all()
+
+
 def _stats_and_templates(model, tok, facts: pd.DataFrame, tmp_path):
     """Second moments over the facts' own sentences and context templates, cached under tmp_path."""
     corpus = [p.format(s) + " " + t for p, s, t in zip(facts["prompt"], facts["subject"], facts["target_true"])] * 10

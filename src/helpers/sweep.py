@@ -105,7 +105,8 @@ def pre_edit(model: nn.Module, tok, facts: pd.DataFrame, problem: str, sigma: fl
     rows = []
     for _, fact in tqdm(todo.iterrows(), total=len(todo), desc=f"pre-edit {problem}", leave=False):
         task = make_task(model, tok, fact, problem, sigma, options)
-        texts = evaluation.essence_texts(model, tok, fact["subject"], n=essence_samples, seed=int(fact["case_id"]))
+        texts = (evaluation.essence_texts(model, tok, fact["subject"], n=essence_samples, seed=int(fact["case_id"]))
+                 if essence_samples > 0 else [])  # 0: no essence drift (tuning)
         m = evaluation.measure(model, tok, task, fact, texts)
         rows.append(dict(case_id=task.case_id, target=task.target, baseline=task.baseline,
                          neighborhood_target=task.neighborhood_target, essence_texts=texts,
