@@ -6,7 +6,8 @@ matrix products that SCIENCE.md §6's steps need when every reuse is taken:
 - **ROME** (§6.1): k̄ needs layers 0..ℓ-1 over each of the 21 templated prompts up to its last subject token
   (k* is the bare template's); v* needs, in each of its ``v_num_grad_steps`` forward passes, layers ℓ+1..L-1
   at the positions from the last subject token on (earlier positions do not see δ: their keys/values are
-  computed once), over the 21 rewriting rows (prompt + target[:-1]) and the KL row; the unembedding only at
+  computed once), over the 21 rewriting rows (prompt + target[:-1]) and, of the KL row, its last subject
+  token (the one position the KL reads; from the subject's first token under noise); the unembedding only at
   the target positions and at the KL position; ``updates`` backward passes of the same products (activation
   gradients only: no weight is trained, so a backward pass costs one product per forward product).
 - **MEMIT** (§6.2): the same for z at the block output of the window's top layer (6 rows + KL), then per
@@ -92,6 +93,7 @@ def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: 
         ranges = subject_ranges(tok, full, request.subject)
         lens = _lengths(tok, [fill(t, request.subject) for t in full])
         lens = [n + (n_target - 1 if i < n_templates else 0) for i, n in enumerate(lens)]
+        lens[-1] = ranges[-1][1]  # the KL row: only its last subject token's logits are read
         first = [b if noised else e - 1 for b, e in ranges]  # first position a step must recompute
         suffix = sum(n - f for n, f in zip(lens, first))
         w.pass_rows = suffix
