@@ -152,7 +152,11 @@ def tune_profile(args) -> int:
     from helpers.study import Study
 
     prob = get_problem(args.problem)
-    study = Study.open(args.profile, Path(args.results) / args.profile, args.cache)
+    results = Path(args.results) / args.profile
+    if not (results / "facts.parquet").exists():
+        raise SystemExit(f"--profile {args.profile}: no {results / 'facts.parquet'}; run its data stage first: "
+                         f"python -m helpers run --profile {args.profile} --only 00 01")
+    study = Study.open(args.profile, results, args.cache)
     facts = study.facts.iloc[args.skip : args.skip + args.facts]
     if prob.key == "fe":
         facts = erasure_filter(facts)
