@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -139,11 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def hmean(*xs: float) -> float:
-    """Harmonic mean (0 when any is 0)."""
-    return 0.0 if min(xs) <= 0 else len(xs) / sum(1 / x for x in xs)
-
-
 def tune_profile(args) -> int:
     """``--profile``: every point is one sweep cell (``helpers.sweep.run_cell``) on the profile's kept facts."""
     from helpers import sweep
@@ -161,7 +157,7 @@ def tune_profile(args) -> int:
     if prob.key == "fe":
         facts = erasure_filter(facts)
     layers = [int(x) for x in args.layers.split(",")]
-    folder = study.results / "tuning" / prob.key
+    folder = results / "tuning" / prob.key
     print(f"{args.profile}: {len(facts)} kept facts (after {args.skip}), layers {layers}, problem {prob.name}, "
           f"sigma {study.sigma:.4g}, {torch.get_num_threads()} threads")
     print(f"{'point':55s} {'layer':>5s} {'RS':>6s} {'PS':>6s} {'NS':>6s} {'S':>6s} {'s/edit':>7s}", flush=True)
@@ -171,16 +167,16 @@ def tune_profile(args) -> int:
         cfg.layers, cfg.essence_samples, cfg.batch_size = layers, 0, args.batch
         cfg.hparams = {**cfg.hparams, **over}
         slug = re.sub(r"[^A-Za-z0-9.=_-]+", "_", text)
+        keyed = method in ("rome", "memit")  # the methods that read second moments and context templates
         table = sweep.run_cell(study.model, study.tok, facts, cfg, folder / f"{slug}.parquet", folder,
-                               stats=study.stats if method in ("rome", "memit") else None,
-                               templates=study.templates if method in ("rome", "memit") else None)
+                               stats=study.stats if keyed else None, templates=study.templates if keyed else None)
         scored = sweep.scored(table)
         for layer in layers:
             ok = scored[scored["central_layer"] == layer]
             n_bad = int((table["central_layer"] == layer).sum()) - len(ok)
             rs, ps, ns = (float(ok[c].mean()) for c in ("rewrite", "paraphrase", "neighborhood"))
             sec = float(table.loc[table["central_layer"] == layer, "seconds"].mean())
-            print(f"{text:55s} {layer:5d} {rs:6.3f} {ps:6.3f} {ns:6.3f} {hmean(rs, ps, ns):6.3f} {sec:7.2f}"
+            print(f"{text:55s} {layer:5d} {rs:6.3f} {ps:6.3f} {ns:6.3f} {statistics.harmonic_mean([rs, ps, ns]):6.3f} {sec:7.2f}"
                   + (f"  ({n_bad} failed)" if n_bad else ""), flush=True)
     return 0
 
