@@ -176,7 +176,9 @@ def tune_profile(args) -> int:
             n_bad = int((table["central_layer"] == layer).sum()) - len(ok)
             rs, ps, ns = (float(ok[c].mean()) for c in ("rewrite", "paraphrase", "neighborhood"))
             sec = float(table.loc[table["central_layer"] == layer, "seconds"].mean())
-            print(f"{text:55s} {layer:5d} {rs:6.3f} {ps:6.3f} {ns:6.3f} {statistics.harmonic_mean([rs, ps, ns]):6.3f} {sec:7.2f}"
+            # S: 0 when any mean score is 0 or below (statistics.harmonic_mean refuses negative values)
+            s = statistics.harmonic_mean([max(x, 0.0) for x in (rs, ps, ns)])
+            print(f"{text:55s} {layer:5d} {rs:6.3f} {ps:6.3f} {ns:6.3f} {s:6.3f} {sec:7.2f}"
                   + (f"  ({n_bad} failed)" if n_bad else ""), flush=True)
     return 0
 
