@@ -26,6 +26,7 @@ from typing import Any
 # Re-exported: the public names of this module before it was split.
 from .book_build import PAGE_ORDER, _prepare_for_book, build_book, executed_key, write_toc
 from . import thread_budget
+from .package_hash import hparams_hash, source_hash
 from .progress import ENV, LOG_ENV, StatusLine
 from .stage_stamps import damaged_output as _damaged_output, outputs as _outputs, read_stamp as _read_stamp
 from .tables import OUTPUTS_ENV, atomic_path, remove_stale_temporaries
@@ -103,17 +104,6 @@ def stages(profile: Profile, root: Path | None = None) -> list[Stage]:
     return out
 
 
-def source_hash() -> str:
-    """Hash of the ``helpers`` package's source (.py, .yaml, .json): part of every stage key and of the
-    fingerprints of cached sweep tables."""
-    h = hashlib.sha256()
-    for p in sorted(PACKAGE_DIR.rglob("*")):
-        if p.is_file() and p.suffix in (".py", ".yaml", ".json") and "__pycache__" not in p.parts:
-            h.update(str(p.relative_to(PACKAGE_DIR)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def _stage_key(stage: Stage, params: dict, profile: Profile, src: str, upstream: str) -> str:
     """Content hash of everything a stage's output depends on: its notebook, parameters, profile (a per-study
     stage: its study's; a chapter: the book's and every study's), the ``helpers`` source and ``upstream``."""
@@ -124,6 +114,7 @@ def _stage_key(stage: Stage, params: dict, profile: Profile, src: str, upstream:
     for prof in dict.fromkeys(p.path for p in profiles):
         h.update(prof.read_bytes())
     h.update(src.encode())
+    h.update(hparams_hash().encode())
     h.update(upstream.encode())
     return h.hexdigest()
 
