@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gguf_fixtures import write_gguf_from_model  # noqa: E402
-from test_architectures import REQUESTS, TinyArch  # noqa: E402
+from test_architectures import PARITY_REL, REQUESTS, TinyArch, check_raises_p  # noqa: E402
 from test_editing import HP  # noqa: E402
 
 from helpers import checkpoints, models, scoring  # noqa: E402
@@ -48,7 +48,6 @@ torch.set_num_threads(1)
 
 PROMPTS = ["The mother tongue of Zor Makken is", "Lila Durnov lives in Madrid", "Ottar Venn plays the violin.",
            "Kato Brenn plays the drums. Edda Sorn is"]
-REQ = E.EditRequest("The mother tongue of {} is", "Zor Makken", "German", case_id=1)
 
 
 def _same_ids(tok_a, tok_b, texts) -> bool:
@@ -129,12 +128,7 @@ def test_loaded_model_is_the_trained_model(gg):
 
 @pytest.mark.parametrize("method", E.METHODS)
 def test_every_method_raises_p_target_new(gg, method):
-    p0 = gg.p(REQ.text, REQ.target)
-    e = E.edit(gg.model, gg.tok, REQ, method, 0, HP[method], stats=gg.stats, templates=gg.templates)
-    with E.applied(gg.model, e):
-        p1 = gg.p(REQ.text, REQ.target)
-    assert p1 > 3 * p0, (method, p0, p1)
-    assert gg.p(REQ.text, REQ.target) == p0  # restored
+    check_raises_p(gg, method)
 
 
 @pytest.mark.parametrize("method,eps", [("ft1", 2e-3), ("ft5", 5e-4)])
@@ -155,7 +149,7 @@ def test_batched_equals_one_fact_path(gg, method):
             pa = gg.p(r.text, r.target)
         with E.applied(gg.model, b):
             pb = gg.p(r.text, r.target)
-        assert abs(pa - pb) <= 1e-4 * pb, (method, r.case_id, pa, pb)
+        assert abs(pa - pb) <= PARITY_REL * pb, (method, r.case_id, pa, pb)
 
 
 def _fact(gg, prompt: str, subject: str, target: str) -> tr.Fact:
