@@ -41,21 +41,19 @@ def test_source_hash_sees_code_and_vendored_data_not_hparams_or_profiles(pkg):
     assert pipeline.source_hash is package_hash.source_hash  # what the pipeline and sweep read
 
 
-def test_real_package_split():
-    files = {p.relative_to(package_hash.PACKAGE_DIR).as_posix() for p in package_hash._package_files()}
-    hp = {p.relative_to(package_hash.PACKAGE_DIR).as_posix() for p in package_hash._package_files(("hparams",))}
-    assert "pipeline.py" in files and "editing/rome.py" in files
-    assert not any(f.startswith(("hparams/", "profiles/")) for f in files)
-    assert {"hparams/world.yaml", "hparams/smollm2-135m.yaml"} <= hp
+def test_data_dirs_name_the_real_folders():
+    """After a rename of hparams/ or profiles/, leaving them out of source_hash would silently do nothing."""
+    tops = {package_hash._top(p) for p in package_hash._package_files()}
+    assert set(package_hash.DATA_DIRS) <= tops and {"editing", "pipeline.py"} <= tops
 
 
-def test_stage_key_follows_hparams_files(pkg, monkeypatch):
-    st = pipeline.stages(pipeline.load_profile("smoke"), pipeline.project_root())[0]
+def test_stage_key_follows_hparams_files(pkg):
     prof = pipeline.load_profile("smoke")
-    key = pipeline._stage_key(st, {}, prof, "src", "up")
-    assert pipeline._stage_key(st, {}, prof, "src", "up") == key
+    st = pipeline.stages(prof, pipeline.project_root())[0]
+    key = pipeline._stage_key(st, {}, prof, pipeline._code_key(), "up")
+    assert pipeline._stage_key(st, {}, prof, pipeline._code_key(), "up") == key
     (pkg / "hparams" / "m.yaml").write_text("rome: {kl_factor: 1}\n")
-    assert pipeline._stage_key(st, {}, prof, "src", "up") != key
+    assert pipeline._stage_key(st, {}, prof, pipeline._code_key(), "up") != key
 
 
 def test_cell_fingerprint_follows_the_cells_values_not_the_file(pkg, monkeypatch):

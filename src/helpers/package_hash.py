@@ -16,17 +16,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DATA_DIRS = ("hparams", "profiles")
 
 
-def _package_files(dirs: tuple[str, ...] | None = None) -> list[Path]:
-    """The package's .py/.yaml/.json files, sorted: all but :data:`DATA_DIRS` (``dirs`` None), or those under
-    the top-level folders ``dirs``."""
-    out = []
-    for p in sorted(PACKAGE_DIR.rglob("*")):
-        if not p.is_file() or p.suffix not in (".py", ".yaml", ".json") or "__pycache__" in p.parts:
-            continue
-        top = p.relative_to(PACKAGE_DIR).parts[0]
-        if (top in dirs) if dirs is not None else (top not in DATA_DIRS):
-            out.append(p)
-    return out
+def _package_files() -> list[Path]:
+    """The package's .py/.yaml/.json files (``__pycache__`` left out), sorted."""
+    return [p for p in sorted(PACKAGE_DIR.rglob("*"))
+            if p.is_file() and p.suffix in (".py", ".yaml", ".json") and "__pycache__" not in p.parts]
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -37,12 +30,16 @@ def _hash_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def _top(p: Path) -> str:
+    return p.relative_to(PACKAGE_DIR).parts[0]
+
+
 def source_hash() -> str:
     """Hash of the ``helpers`` package's source (.py, .yaml, .json), its data folders (:data:`DATA_DIRS`) left
     out: part of every stage key and of the fingerprints of cached tables (tracing, facts, σ, editing cells)."""
-    return _hash_files(_package_files())
+    return _hash_files([p for p in _package_files() if _top(p) not in DATA_DIRS])
 
 
 def hparams_hash() -> str:
-    """Hash of every hyperparameter file (``helpers/hparams/*.yaml``): part of every stage key."""
-    return _hash_files(_package_files(("hparams",)))
+    """Hash of every hyperparameter file (``helpers/hparams/*.yaml``): part of every stage key (``pipeline``)."""
+    return _hash_files([p for p in _package_files() if _top(p) == "hparams"])

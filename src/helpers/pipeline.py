@@ -104,9 +104,14 @@ def stages(profile: Profile, root: Path | None = None) -> list[Stage]:
     return out
 
 
+def _code_key() -> str:
+    """What every stage key holds of the package: its code and its hyperparameter files (computed once a run)."""
+    return source_hash() + hparams_hash()
+
+
 def _stage_key(stage: Stage, params: dict, profile: Profile, src: str, upstream: str) -> str:
     """Content hash of everything a stage's output depends on: its notebook, parameters, profile (a per-study
-    stage: its study's; a chapter: the book's and every study's), the ``helpers`` source and ``upstream``."""
+    stage: its study's; a chapter: the book's and every study's), ``src`` (:func:`_code_key`) and ``upstream``."""
     h = hashlib.sha256()
     h.update(stage.notebook.read_bytes())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
@@ -114,7 +119,6 @@ def _stage_key(stage: Stage, params: dict, profile: Profile, src: str, upstream:
     for prof in dict.fromkeys(p.path for p in profiles):
         h.update(prof.read_bytes())
     h.update(src.encode())
-    h.update(hparams_hash().encode())
     h.update(upstream.encode())
     return h.hexdigest()
 
@@ -214,7 +218,7 @@ def _run(
     stale_tmp = remove_stale_temporaries(res, everything=True) + remove_stale_temporaries(cache_dir())
     if stale_tmp:
         print(f"[pipeline] removed {len(stale_tmp)} temporary files left by an interrupted run", flush=True)
-    src = source_hash()
+    src = _code_key()
     todo = stages(profile, root)
     n = len(todo)
     names = {st.name for st in todo}
