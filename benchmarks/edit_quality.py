@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from helpers import editing as E
-from helpers import metrics, models, scoring
+from helpers import generation, metrics, models, scoring
 from helpers.editing.batched import edit_many
 
 log = logging.getLogger("edit_quality")
@@ -58,9 +58,9 @@ def correct_facts(model, tok, records: list[dict], n: int) -> list[dict]:
     for i in range(0, len(records), 64):
         chunk = records[i : i + 64]
         prompts = [r["requested_rewrite"]["prompt"].replace("{}", r["requested_rewrite"]["subject"]) for r in chunk]
-        conts = scoring.generate(model, tok, prompts, max_new_tokens=10)
+        conts = generation.generate(model, tok, prompts, max_new_tokens=10)
         for r, c in zip(chunk, conts):
-            if scoring.is_correct(c, r["requested_rewrite"]["target_true"]["str"]):
+            if generation.is_correct(c, r["requested_rewrite"]["target_true"]["str"]):
                 out.append(r)
                 if len(out) == n:
                     return out

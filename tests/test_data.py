@@ -83,7 +83,7 @@ def test_offline_download_error_says_how_to_supply(tmp_path):
 
 
 def test_correctness_rule():
-    from helpers.scoring import is_correct
+    from helpers.generation import is_correct
 
     assert is_correct("  french, and also English", "French ")
     assert not is_correct("English", "French")

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import scoring
+from helpers import generation, scoring
 from conftest import tiny_model
 
 
@@ -44,7 +44,7 @@ def test_padded_batch_equals_rows_alone(lm, side):
 def test_greedy_generation_matches_stepwise_argmax_and_batches(lm):
     model, tok = lm
     prompts = ["The mother tongue of", "Toko Yasuda, the"]
-    batched = scoring.generate(model, tok, prompts, max_new_tokens=5)
+    batched = generation.generate(model, tok, prompts, max_new_tokens=5)
     for p, g in zip(prompts, batched):
         ids = scoring.encode(tok, p)
         new = []
@@ -54,20 +54,32 @@ def test_greedy_generation_matches_stepwise_argmax_and_batches(lm):
         assert g == tok.decode([i for i in new if i != tok.eos_token_id]).strip()
 
 
+def test_generation_unembeds_only_the_newest_position(lm):
+    """The unembedding sees one position per row on every step, the prompt's pass included (logits_to_keep)."""
+    model, tok = lm
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[:2])))
+    try:
+        generation.generate(model, tok, ["The mother tongue of", "Toko Yasuda, the"], max_new_tokens=3)
+    finally:
+        handle.remove()
+    assert seen == [(2, 1)] * 3
+
+
 def test_topk_sampling_is_seeded_and_respects_total_length(lm):
     model, tok = lm
-    a = scoring.generate(model, tok, ["Toko Yasuda, the"], max_out_len=12, top_k=5, seed=3)
-    b = scoring.generate(model, tok, ["Toko Yasuda, the"], max_out_len=12, top_k=5, seed=3)
+    a = generation.generate(model, tok, ["Toko Yasuda, the"], max_out_len=12, top_k=5, seed=3)
+    b = generation.generate(model, tok, ["Toko Yasuda, the"], max_out_len=12, top_k=5, seed=3)
     assert a == b
     n_prompt = len(scoring.encode(tok, "Toko Yasuda, the"))
     assert len(scoring.encode(tok, a[0])) <= 12 - n_prompt + 1
     # top-k = 1 is greedy decoding, whatever the seed
-    greedy = scoring.generate(model, tok, ["Toko Yasuda, the"], max_new_tokens=6)
-    assert scoring.generate(model, tok, ["Toko Yasuda, the"], max_new_tokens=6, top_k=1, seed=11) == greedy
-    seen = {scoring.generate(model, tok, ["Toko Yasuda, the"], max_new_tokens=3, top_k=5, seed=k)[0] for k in range(6)}
+    greedy = generation.generate(model, tok, ["Toko Yasuda, the"], max_new_tokens=6)
+    assert generation.generate(model, tok, ["Toko Yasuda, the"], max_new_tokens=6, top_k=1, seed=11) == greedy
+    seen = {generation.generate(model, tok, ["Toko Yasuda, the"], max_new_tokens=3, top_k=5, seed=k)[0] for k in range(6)}
     assert len(seen) > 1  # different seeds sample different continuations
     # A prompt already at max_out_len tokens gets no continuation (the published sampler's behaviour).
-    assert scoring.generate(model, tok, ["Toko Yasuda, the"], max_out_len=n_prompt, top_k=5) == [""]
+    assert generation.generate(model, tok, ["Toko Yasuda, the"], max_out_len=n_prompt, top_k=5) == [""]
 
 
 def test_errors():
@@ -130,7 +142,7 @@ def test_set_bos_puts_the_token_first_in_every_path(lm):
     for side in ("right", "left"):
         got = scoring.target_logprobs(model, tok, prompts, ["French", "French"], padding_side=side)
         assert got[0].item() == pytest.approx(want, abs=1e-5)
-    cont = scoring.generate(model, tok, ["The mother tongue of"], max_new_tokens=3)[0]
+    cont = generation.generate(model, tok, ["The mother tongue of"], max_new_tokens=3)[0]
     ids = torch.tensor([[eot] + plain])
     for _ in range(3):
         ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)

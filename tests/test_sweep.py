@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import data, editing, evaluation, sweep
+from helpers import data, editing, evaluation, generation, sweep
 from helpers.problems import PROBLEMS, ProblemOptions, get_problem, make_task
 from conftest import SAMPLE_COUNTERFACT, tiny_model
 
@@ -56,8 +56,7 @@ def test_tracing_reversal_target_paper_vs_code(lm, facts):
     assert code.target.startswith(prompt) and not paper.target.startswith(prompt)
     assert paper.target and make_task(model, tok, f, "tr", SIGMA, ProblemOptions(tr_max_out_len=30)).target == paper.target
     # Sampling under noise differs from sampling without it (the noise hook is really active).
-    from helpers import scoring
-    clean = scoring.generate(model, tok, [prompt], max_out_len=40, top_k=5, seed=1)[0]
+    clean = generation.generate(model, tok, [prompt], max_out_len=40, top_k=5, seed=1)[0]
     noisy = make_task(model, tok, f, "tr", 5.0, ProblemOptions(tr_max_out_len=40)).target
     assert noisy != clean
 

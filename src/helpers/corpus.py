@@ -23,7 +23,6 @@ paragraphs (14,718 of 17,556); on valid/test, whose rare words are ``<unk>`` by 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import logging
 import random
 import re
@@ -33,6 +32,8 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import nn
+
+from .checksums import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +159,6 @@ def survival(lines: Sequence[str]) -> Survival:
 
 
 # ----------------------------------------------------------------------------------------- loading
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def read_split_lines(split: str = "train", source: str | Path | None = None) -> list[str]:
     """Raw tokenized lines of a split from ``source`` (or the shared folder, sha256-checked)."""
     if split not in SPLITS:
@@ -170,7 +167,7 @@ def read_split_lines(split: str = "train", source: str | Path | None = None) -> 
     path = folder / f"{split}.txt"
     if not path.exists():
         raise FileNotFoundError(f"WikiText-2 split file not found: {path}")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != SHA256[split]:
         msg = f"{path}: sha256 {digest} differs from the expected {SHA256[split]} (shared/data/README.md)"
         if source is None:

@@ -10,7 +10,6 @@ the table every later stage starts from::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
+
+from .checksums import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -260,14 +261,6 @@ def parse_records(data: Sequence[dict], n: int | None = None) -> list[Record]:
     return records
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_official(cache_dir: Path | str, url: str = OFFICIAL_URL, sha256: str | None = OFFICIAL_SHA256) -> Path:
     """Download the official counterfact.json into ``cache_dir`` (atomically) unless already there.
 
@@ -289,7 +282,7 @@ def fetch_official(cache_dir: Path | str, url: str = OFFICIAL_URL, sha256: str |
             f"cannot download CounterFact from {url} ({err}). Download counterfact.json on a machine with "
             f"internet access and pass its path as the profile's `data:` (or copy it to {dest})."
         ) from err
-    if sha256 and sha256_of(Path(tmp.name)) != sha256:
+    if sha256 and sha256_file(tmp.name) != sha256:
         os.unlink(tmp.name)
         raise OSError(f"{url}: sha256 mismatch (expected {sha256}); file not kept")
     os.replace(tmp.name, dest)
@@ -371,17 +364,17 @@ def correctness(
     Greedy decoding of ``max_new_tokens`` tokens from the filled prompt; correct iff lower(o_true) is a
     substring of the lower-cased continuation. ``p_true`` = p(o_true | P) over all target tokens.
     """
-    from . import scoring
+    from . import generation, scoring
 
     prompts = [p.format(s) for p, s in zip(facts["prompt"], facts["subject"])]
     conts = []
     from .progress import tqdm
 
     for i in tqdm(range(0, len(prompts), batch_size), desc="correctness filter", leave=False):
-        conts += scoring.generate(model, tok, prompts[i : i + batch_size], max_new_tokens=max_new_tokens)
+        conts += generation.generate(model, tok, prompts[i : i + batch_size], max_new_tokens=max_new_tokens)
     out = facts.copy()
     out["continuation"] = conts
-    out["is_correct"] = [scoring.is_correct(c, t) for c, t in zip(conts, facts["target_true"])]
+    out["is_correct"] = [generation.is_correct(c, t) for c, t in zip(conts, facts["target_true"])]
     out["p_true"] = scoring.target_probs(model, tok, prompts, list(facts["target_true"])).numpy()  # CPU tensor
     return out
 

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from . import metrics, scoring
+from . import generation, metrics, scoring
 from .editing import NoiseSpec, input_noise
 from .editing.base import NoisePositions
 from .models import device_of
@@ -74,7 +74,7 @@ def essence_texts(model: nn.Module, tok, subject: str, n: int = 5, max_out_len: 
     """Texts sampled from the (pre-edit) model after "{s} is a" (top-k 5, ``max_out_len`` tokens in total),
     NFKD-normalized, blank lines folded, end-of-text removed (SCIENCE.md §7.2)."""
     prompt = f"{subject} is a"
-    conts = scoring.generate(model, tok, [prompt] * n, max_out_len=max_out_len, top_k=5, seed=seed)
+    conts = generation.generate(model, tok, [prompt] * n, max_out_len=max_out_len, top_k=5, seed=seed)
     eos = tok.eos_token or ""
     out = []
     for c in conts:

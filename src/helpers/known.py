@@ -29,7 +29,6 @@ Documented decisions
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from .checksums import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +149,6 @@ def known_path() -> Path:
     raise FileNotFoundError(f"known_1000.json not found at {VENDORED_PATH} (vendored) nor at {SHARED_PATH}")
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _template_problem(template: str) -> str | None:
     if template.count("{}") != 1:
         return f"must contain exactly one '{{}}': {template!r}"
@@ -218,7 +215,7 @@ def load_known(path: Path | str | None = None, sha256: str | None = KNOWN_SHA256
     p = Path(path) if path is not None else known_path()
     if not p.exists():
         raise FileNotFoundError(f"no known_1000 file at {p}")
-    if sha256 is not None and (got := _sha256(p)) != sha256:
+    if sha256 is not None and (got := sha256_file(p)) != sha256:
         raise KnownDataError(f"{p}: sha256 mismatch: expected {sha256}, got {got} (not the known_1000.json of ROME)")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))

@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import scoring
+from . import generation, scoring
 from .editing import EditRequest, NoiseSpec, input_noise
 from .editing.base import NoisePositions
 from .models import device_of
@@ -115,7 +115,7 @@ def noised_sample(model: nn.Module, tok, prompt: str, subject: str, sigma: float
     pos = NoisePositions(spec, (b, e))
     pos.set_rows([(b, e)])
     with input_noise(model, spec, pos):
-        return scoring.generate(model, tok, [prompt], max_out_len=max_out_len, top_k=top_k, seed=seed)[0]
+        return generation.generate(model, tok, [prompt], max_out_len=max_out_len, top_k=top_k, seed=seed)[0]
 
 
 def make_task(

@@ -7,8 +7,8 @@ position ids, so a padded row scores exactly as it would alone.
 
 Devices: batches are tokenized on the CPU and moved to the model's device in one copy (``make_batch(...,
 device=...)``, :meth:`Batch.to`); index tensors derived from a batch live on the batch's device. Functions that
-return results for tables (:func:`target_logprobs`, :func:`text_token_logprobs`, :func:`generate`) move them to
-the CPU once per batch. Sampling draws from a CPU ``torch.Generator`` (the same numbers on every device).
+return results for tables (:func:`target_logprobs`, :func:`text_token_logprobs`) move them to
+the CPU once per batch. Text generation and the correctness test live in :mod:`helpers.generation`.
 """
 
 from __future__ import annotations
@@ -338,71 +338,3 @@ def next_token_logprobs(logp: torch.Tensor, x: torch.Tensor, lens: Sequence[int]
     c = torch.tensor(cols, dtype=torch.long, device=logp.device)
     flat = logp[r, c, x[r, c + 1]].cpu()
     return list(flat.split([max(n - 1, 0) for n in lens]))
-
-
-def _strip_special(tok, ids: list[int]) -> list[int]:
-    drop = {tok.eos_token_id, tok.pad_token_id, tok.bos_token_id, *bos(tok)}
-    return [i for i in ids if i not in drop]
-
-
-@torch.no_grad()
-def generate(
-    model: nn.Module,
-    tok,
-    prompts: Sequence[str],
-    max_new_tokens: int | None = None,
-    max_out_len: int | None = None,
-    top_k: int | None = None,
-    seed: int = 0,
-    batch_size: int = 32,
-) -> list[str]:
-    """Continue each prompt; returns the decoded **continuations** (prompt removed, eos dropped, stripped).
-
-    Greedy when ``top_k`` is None, else top-k multinomial sampling from a ``torch.Generator`` seeded with
-    ``seed`` (so the same seed gives the same text). Length: ``max_new_tokens`` new tokens, or
-    ``max_out_len`` tokens in total including the prompt (ROME's sampler convention; a prompt already that
-    long gets no new token). Uses the key/value cache; hooks on the model see the full prompt on the first
-    pass and single tokens afterwards. The top-k probabilities are moved to the CPU for the draw (B x k numbers a
-    step), so every device samples the same tokens from the same probabilities.
-    """
-    if (max_new_tokens is None) == (max_out_len is None):
-        raise ValueError("give exactly one of max_new_tokens, max_out_len")
-    gen = torch.Generator().manual_seed(seed)
-    dev = device_of(model)
-    cache_kw = cache_kwarg(model)
-    texts: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = list(prompts[i : i + batch_size])
-        b = make_batch(tok, chunk, None, padding_side="left", device=dev)
-        lens = b.prompt_len
-        steps = max_new_tokens if max_new_tokens is not None else max(0, max_out_len - min(lens))
-        budget = [
-            max_new_tokens if max_new_tokens is not None else max(0, max_out_len - n) for n in lens
-        ]
-        new = torch.zeros((len(chunk), 0), dtype=torch.long, device=dev)
-        ids, mask, pos = b.input_ids, b.attention_mask, b.position_ids
-        past = None
-        for _ in range(steps):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: past})
-            past = cache_of(out)
-            logits = out.logits[:, -1].float()
-            if top_k is None:
-                nxt = logits.argmax(-1)
-            else:
-                vals, idx = logits.topk(top_k, dim=-1)
-                choice = torch.multinomial(torch.softmax(vals, -1).cpu(), 1, generator=gen)[:, 0]
-                nxt = idx.gather(1, choice[:, None].to(dev))[:, 0]
-            new = torch.cat([new, nxt[:, None]], 1)
-            ids = nxt[:, None]
-            pos = pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(ids)], 1)
-        new = new.cpu()
-        for r in range(len(chunk)):
-            toks = _strip_special(tok, new[r, : budget[r]].tolist())
-            texts.append(tok.decode(toks).strip())
-    return texts
-
-
-def is_correct(continuation: str, target_true: str) -> bool:
-    """The paper's correctness test: lower(strip(o_true)) is a substring of lower(strip(continuation))."""
-    return target_true.strip().lower() in continuation.strip().lower()

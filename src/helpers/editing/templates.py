@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import integrity, scoring
+from .. import generation, integrity, scoring
 from ..tables import atomic_path
 from .base import model_fingerprint
 
@@ -54,9 +54,9 @@ def sample_context_templates(
     start = "" if scoring.bos(tok) else tok.eos_token
     rome = ["{}"]
     for j, (length, n) in enumerate(rome_length_params):
-        texts = scoring.generate(model, tok, [start] * n, max_out_len=length, top_k=5, seed=seed + j)
+        texts = generation.generate(model, tok, [start] * n, max_out_len=length, top_k=5, seed=seed + j)
         rome += [_clean(t) + ". {}" for t in texts]
-    conts = scoring.generate(model, tok, list(MEMIT_SEEDS), max_out_len=memit_length, top_k=5, seed=seed + 100)
+    conts = generation.generate(model, tok, list(MEMIT_SEEDS), max_out_len=memit_length, top_k=5, seed=seed + 100)
     memit = [["{}"], [_clean(f"{s} {c}".strip()) + ". {}" for s, c in zip(MEMIT_SEEDS, conts)]]
     return ContextTemplates(rome=rome, memit=memit)
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import data, scoring, tracing
+from .. import data, generation, scoring, tracing
 from ..hooks import trace
 from ..models import device_of, load_model, module_name, n_layers
 
@@ -225,7 +225,7 @@ def evaluate_world(folder: Path | str, n_probe: int = 150, max_facts: int | None
     targets = [rw["target_true"]["str"] for rw in rws]
     log.info("scoring %d facts", len(records))
     sc = target_scores(model, tok, prompts, targets)
-    conts = scoring.generate(model, tok, prompts, max_new_tokens=36)
+    conts = generation.generate(model, tok, prompts, max_new_tokens=36)
     facts = pd.DataFrame({
         "case_id": [r["case_id"] for r in records], "subject": [rw["subject"] for rw in rws],
         "relation_id": [rw["relation_id"] for rw in rws], "prompt": prompts, "target_true": targets,
@@ -233,7 +233,7 @@ def evaluate_world(folder: Path | str, n_probe: int = 150, max_facts: int | None
         "p_true": sc["p"], "argmax_correct": sc["argmax_correct"], "continuation": conts,
     })
     facts["bucket"] = pd.Categorical([frequency_bucket(f) for f in facts["frequency"]], FREQ_LABELS, ordered=True)
-    facts["is_correct"] = [scoring.is_correct(c, t) for c, t in zip(conts, targets)]
+    facts["is_correct"] = [generation.is_correct(c, t) for c, t in zip(conts, targets)]
     pp, pt, pid = [], [], []
     for r, t in zip(records, targets):
         for p in r["paraphrase_prompts"]:
