@@ -365,11 +365,10 @@ def correctness(
     substring of the lower-cased continuation. ``p_true`` = p(o_true | P) over all target tokens.
     """
     from . import generation, scoring
+    from .progress import tqdm
 
     prompts = [p.format(s) for p, s in zip(facts["prompt"], facts["subject"])]
     conts = []
-    from .progress import tqdm
-
     for i in tqdm(range(0, len(prompts), batch_size), desc="correctness filter", leave=False):
         conts += generation.generate(model, tok, prompts[i : i + batch_size], max_new_tokens=max_new_tokens)
     out = facts.copy()
