@@ -21,6 +21,10 @@ matrix products that SCIENCE.md §6's steps need when every reuse is taken:
 - **Fact Forcing** draws fresh subject noise on every pass, so every step recomputes every layer from the
   first noised position on (nothing below the edit can be reused); FT uses ``noise.n_samples`` rows.
 
+The unembedding (d_model x vocabulary) is timed at its own rows (the positions whose logits are read, per chunk):
+with a few dozen rows it streams its weight (113 MB for SmolLM2) from memory and runs far below the rate of
+the block's products at a pass's few hundred rows; at a given chunk size no step of the spec gives it more.
+
 Left out (so the bound stays a bound): attention's score products (T x T per head; ≤ 2% here), norms,
 activations, softmax, Adam, and the evaluation after the edit. :func:`matmul_rate` measures this machine's
 float32 GEMM throughput on products of the same shapes (rows = the positions of one step), in the same run.
@@ -58,6 +62,7 @@ class Work:
     rows: dict[tuple[int, int], float]
     extra_flops: float = 0.0  # solves and factorisations (not GEMMs of the block's shapes)
     pass_rows: int = 0  # rows of one optimisation pass's products for this edit (the GEMM shapes to time)
+    unembed_rows: int = 0  # rows of one pass's unembedding for this edit (the positions whose logits are read)
 
     def add(self, shapes: list[tuple[int, int]], n_rows: float, times: float = 1.0) -> None:
         for s in shapes:
@@ -102,7 +107,8 @@ def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: 
         lo = 0 if noised else top + 1
         for j in range(lo, L):
             w.add(blocks[j], suffix, steps + updates)
-        w.add(unemb, n_templates * n_target + 1, steps + updates)
+        w.unembed_rows = n_templates * n_target + 1
+        w.add(unemb, w.unembed_rows, steps + updates)
         for j in range(0, top + 1 if not noised else 0):
             w.add(blocks[j], sum(lens), 1)  # the first pass, whose states below the edit later steps reuse
         if method == "rome":
@@ -125,7 +131,8 @@ def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: 
         w.pass_rows = tokens
         for j in range(lo, L):
             w.add(blocks[j], tokens, 2 * updates)  # forward passes >= updates (a skipped step still runs one)
-        w.add(unemb, n_rows * n_target, 2 * updates)
+        w.unembed_rows = n_rows * n_target
+        w.add(unemb, w.unembed_rows, 2 * updates)
         w.add([(d_ff, d_model)], tokens, updates * len(win))  # weight gradient of each trained down-projection
         for j in range(0, win[0] if not noised else 0):
             w.add(blocks[j], n_rows * n, 1)

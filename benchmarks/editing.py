@@ -250,11 +250,22 @@ def print_bound(model, tok, cells, made, edit_time, results, templates, n, facts
           f"{chunk}):")
     for r, rate in rates.items():
         print(f"  {r:6d} rows: " + ", ".join(f"{i}x{o} {v / 1e9:.0f}" for (i, o), v in rate.items()))
+    # The unembedding at its own rows (the read positions of a chunk's pass), unless a block has its shape
+    d_model, _ = models.dims(model)
+    unemb = (d_model, int(model.get_output_embeddings().weight.shape[0]))
+    block_shapes = set(edit_bound.linear_shapes(models.module(model, "block", 0)))
+    cell_rates = {k: rates[r] for k, r in cell_rows.items()}
+    if unemb not in block_shapes:
+        u_rows = {k: int(np.median([w.unembed_rows for w in ws])) * chunk for k, ws in works.items()}
+        u_rates = {r: edit_bound.matmul_rate([unemb], max(r, 1))[unemb] for r in sorted(set(u_rows.values()))}
+        print(f"  unembedding {unemb[0]}x{unemb[1]} at its own rows (read positions x chunk {chunk}): "
+              + ", ".join(f"{r} rows {v / 1e9:.0f}" for r, v in u_rates.items()))
+        cell_rates = {k: {**rates[r], unemb: u_rates[u_rows[k]]} for k, r in cell_rows.items()}
     print(f"{'problem':8s} {'method':6s} {'edits':>5s} {'s/edit':>8s} {'bound s':>8s} {'ratio':>6s} "
           f"{'GFLOP/edit':>10s} {'eval s/edit':>11s}")
     for (pr, m) in cells:
         ws = works[(pr, m)]
-        bound = sum(edit_bound.bound_seconds(w, rates[cell_rows[(pr, m)]]) for w in ws) / len(ws)
+        bound = sum(edit_bound.bound_seconds(w, cell_rates[(pr, m)]) for w in ws) / len(ws)
         gflop = sum(w.flops for w in ws) / len(ws) / 1e9
         te = edit_time[(pr, m)] / n
         tv = (results[(pr, m, "batched")][0] - edit_time[(pr, m)]) / n

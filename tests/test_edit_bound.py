@@ -1,0 +1,78 @@
+"""The editing benchmark's lower bound (benchmarks/edit_bound.py): known-answer counts of the products an edit
+needs, so that the ratio `make bench` prints is measured against the work the spec's steps cannot skip."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_model
+
+from helpers import models, scoring
+from helpers.editing import edit_layers
+from helpers.editing.base import EditRequest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import edit_bound  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    return tiny_model("llama", len(tokenizer), n_layer=4).eval()
+
+
+def _request() -> EditRequest:
+    return EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target="English French")
+
+
+def test_flops_count_two_per_multiply_add():
+    w = edit_bound.Work({(2, 3): 5.0}, extra_flops=7.0)
+    w.add([(2, 3), (4, 1)], 2.0, times=3.0)
+    assert w.rows == {(2, 3): 11.0, (4, 1): 6.0}
+    assert w.flops == 2 * 11 * 2 * 3 + 2 * 6 * 4 * 1 + 7
+
+
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_rome_memit_unembed_only_the_read_positions(llama, tokenizer, method):
+    """Per optimisation pass the unembedding sees each rewriting row's target positions and the KL row's one
+    position; it runs in every step's forward pass and, for the steps that update, in its backward pass."""
+    req = _request()
+    n_target = len(scoring.encode(tokenizer, scoring.with_space(req.target), bos_token=False))
+    assert n_target >= 2  # the count below would not tell target positions from rows otherwise
+    hp = {"v_num_grad_steps": 5, "layers": [1, 2], "window": 2}
+    w = edit_bound.edit_flops(llama, tokenizer, req, method, 2, hp, n_templates=6, updates=4, noised=False)
+    d_model, _ = models.dims(llama)
+    unemb = (d_model, len(tokenizer))
+    assert w.unembed_rows == 6 * n_target + 1
+    assert w.rows[unemb] == w.unembed_rows * (5 + 4)
+
+
+def test_each_update_costs_one_backward_over_the_blocks_above_the_edit(llama, tokenizer):
+    """ROME at layer 1 of 4: one more update adds, for every product of blocks 2 and 3, the suffix rows of one
+    pass (activation gradients only), and one more pass of the unembedding; nothing below the edit."""
+    req = _request()
+    hp = {"v_num_grad_steps": 5}
+    assert edit_layers(llama, "rome", 1, hp) == [1]
+    w3 = edit_bound.edit_flops(llama, tokenizer, req, "rome", 1, hp, n_templates=3, updates=3, noised=False)
+    w4 = edit_bound.edit_flops(llama, tokenizer, req, "rome", 1, hp, n_templates=3, updates=4, noised=False)
+    d_model, _ = models.dims(llama)
+    unemb = (d_model, len(tokenizer))
+    per_block: dict = {}
+    for s in edit_bound.linear_shapes(models.module(llama, "block", 0)):  # gate and up share a shape: twice
+        per_block[s] = per_block.get(s, 0) + 1
+    assert w3.pass_rows > 0 and w3.pass_rows == w4.pass_rows
+    for s, n in per_block.items():
+        assert w4.rows[s] - w3.rows[s] == 2 * n * w3.pass_rows  # blocks 2 and 3
+    assert w4.rows[unemb] - w3.rows[unemb] == w3.unembed_rows
+    assert w4.flops > w3.flops
+
+
+def test_fine_tuning_unembeds_its_noise_rows_targets(llama, tokenizer):
+    req = _request()
+    n_target = len(scoring.encode(tokenizer, scoring.with_space(req.target), bos_token=False))
+    hp = {"layers": [2], "window": 1}
+    w = edit_bound.edit_flops(llama, tokenizer, req, "ft1", 2, hp, n_templates=1, updates=3, noised=False)
+    d_model, _ = models.dims(llama)
+    assert w.unembed_rows == n_target
+    assert w.rows[(d_model, len(tokenizer))] == n_target * 2 * 3
