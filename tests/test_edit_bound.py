@@ -4,6 +4,7 @@ needs, so that the ratio `make bench` prints is measured against the work the sp
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,7 @@ def test_each_update_costs_one_backward_over_the_blocks_above_the_edit(llama, to
     w4 = edit_bound.edit_flops(llama, tokenizer, req, "rome", 1, hp, n_templates=3, updates=4, noised=False)
     d_model, _ = models.dims(llama)
     unemb = (d_model, len(tokenizer))
-    per_block: dict = {}
-    for s in edit_bound.linear_shapes(models.module(llama, "block", 0)):  # gate and up share a shape: twice
-        per_block[s] = per_block.get(s, 0) + 1
+    per_block = Counter(edit_bound.linear_shapes(models.module(llama, "block", 0)))  # gate and up: one shape, 2
     assert w3.pass_rows > 0 and w3.pass_rows == w4.pass_rows
     for s, n in per_block.items():
         assert w4.rows[s] - w3.rows[s] == 2 * n * w3.pass_rows  # blocks 2 and 3
