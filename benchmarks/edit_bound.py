@@ -77,15 +77,19 @@ def _lengths(tok, texts: list[str]) -> list[int]:
     return [len(scoring.encode(tok, t)) for t in texts]
 
 
+def unembed_shape(model: nn.Module) -> tuple[int, int]:
+    """(in, out) of the unembedding product: (d_model, vocabulary size)."""
+    return models.dims(model)[0], int(model.get_output_embeddings().weight.shape[0])
+
+
 def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: int, hp: dict,
                n_templates: int, updates: int, noised: bool, facts_per_layer: int = 1) -> Work:
     """The products one edit needs (see the module docstring). ``n_templates``: rewriting rows (ROME 21,
     MEMIT 6); ``updates``: backward passes (optimiser steps) the edit took; ``noised``: Fact Forcing."""
     L = models.n_layers(model)
     d_model, d_ff = models.dims(model)
-    V = int(model.get_output_embeddings().weight.shape[0])
     blocks = [linear_shapes(b) for b in _blocks(model)]
-    unemb = [(d_model, V)]
+    unemb = [unembed_shape(model)]
     n_target = len(scoring.encode(tok, scoring.with_space(request.target), bos_token=False))
     w = Work({})
     win = edit_layers(model, method, layer, hp)  # ROME/FT-1 [layer]; MEMIT/FT-5 W(layer, 5)

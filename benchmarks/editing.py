@@ -243,7 +243,10 @@ def print_bound(model, tok, cells, made, edit_time, results, templates, n, facts
     # The products of one optimisation pass have (rows of one fact's pass) x (facts in a chunk) rows; each cell's
     # bound uses this machine's GEMM speed at its own median row count (small products run below peak, and
     # that is part of the bound: the spec's steps cannot make them larger).
-    cell_rows = {k: int(np.median([w.pass_rows for w in ws])) * chunk for k, ws in works.items()}
+    def rows_per_chunk(field: str) -> dict:  # per cell: the median of one edit's rows x chunk
+        return {k: int(np.median([getattr(w, field) for w in ws])) * chunk for k, ws in works.items()}
+
+    cell_rows = rows_per_chunk("pass_rows")
     shapes = sorted({s for ws in works.values() for w in ws for s in w.rows})
     rates = {r: edit_bound.matmul_rate(shapes, max(r, 1)) for r in sorted(set(cell_rows.values()))}
     print("\nfloat32 GEMM throughput on the edits' shapes (GFLOP/s; rows = median rows of one pass x chunk "
@@ -251,12 +254,11 @@ def print_bound(model, tok, cells, made, edit_time, results, templates, n, facts
     for r, rate in rates.items():
         print(f"  {r:6d} rows: " + ", ".join(f"{i}x{o} {v / 1e9:.0f}" for (i, o), v in rate.items()))
     # The unembedding at its own rows (the read positions of a chunk's pass), unless a block has its shape
-    d_model, _ = models.dims(model)
-    unemb = (d_model, int(model.get_output_embeddings().weight.shape[0]))
+    unemb = edit_bound.unembed_shape(model)
     block_shapes = set(edit_bound.linear_shapes(models.module(model, "block", 0)))
     cell_rates = {k: rates[r] for k, r in cell_rows.items()}
     if unemb not in block_shapes:
-        u_rows = {k: int(np.median([w.unembed_rows for w in ws])) * chunk for k, ws in works.items()}
+        u_rows = rows_per_chunk("unembed_rows")
         u_rates = {r: edit_bound.matmul_rate([unemb], max(r, 1))[unemb] for r in sorted(set(u_rows.values()))}
         print(f"  unembedding {unemb[0]}x{unemb[1]} at its own rows (read positions x chunk {chunk}): "
               + ", ".join(f"{r} rows {v / 1e9:.0f}" for r, v in u_rates.items()))

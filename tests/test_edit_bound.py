@@ -27,6 +27,16 @@ def _request() -> EditRequest:
     return EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target="English French")
 
 
+def _n_target(tokenizer, req: EditRequest) -> int:
+    """Target tokens of the request (the positions whose logits a rewriting row reads)."""
+    return len(scoring.encode(tokenizer, scoring.with_space(req.target), bos_token=False))
+
+
+def _unemb(model, tokenizer) -> tuple[int, int]:
+    """The unembedding's (in, out), written out: d_model x the tokenizer's vocabulary."""
+    return models.dims(model)[0], len(tokenizer)
+
+
 def test_flops_count_two_per_multiply_add():
     w = edit_bound.Work({(2, 3): 5.0}, extra_flops=7.0)
     w.add([(2, 3), (4, 1)], 2.0, times=3.0)
@@ -39,12 +49,11 @@ def test_rome_memit_unembed_only_the_read_positions(llama, tokenizer, method):
     """Per optimisation pass the unembedding sees each rewriting row's target positions and the KL row's one
     position; it runs in every step's forward pass and, for the steps that update, in its backward pass."""
     req = _request()
-    n_target = len(scoring.encode(tokenizer, scoring.with_space(req.target), bos_token=False))
+    n_target = _n_target(tokenizer, req)
     assert n_target >= 2  # the count below would not tell target positions from rows otherwise
     hp = {"v_num_grad_steps": 5, "layers": [1, 2], "window": 2}
     w = edit_bound.edit_flops(llama, tokenizer, req, method, 2, hp, n_templates=6, updates=4, noised=False)
-    d_model, _ = models.dims(llama)
-    unemb = (d_model, len(tokenizer))
+    unemb = _unemb(llama, tokenizer)
     assert w.unembed_rows == 6 * n_target + 1
     assert w.rows[unemb] == w.unembed_rows * (5 + 4)
 
@@ -57,8 +66,7 @@ def test_each_update_costs_one_backward_over_the_blocks_above_the_edit(llama, to
     assert edit_layers(llama, "rome", 1, hp) == [1]
     w3 = edit_bound.edit_flops(llama, tokenizer, req, "rome", 1, hp, n_templates=3, updates=3, noised=False)
     w4 = edit_bound.edit_flops(llama, tokenizer, req, "rome", 1, hp, n_templates=3, updates=4, noised=False)
-    d_model, _ = models.dims(llama)
-    unemb = (d_model, len(tokenizer))
+    unemb = _unemb(llama, tokenizer)
     per_block = Counter(edit_bound.linear_shapes(models.module(llama, "block", 0)))  # gate and up: one shape, 2
     assert w3.pass_rows > 0 and w3.pass_rows == w4.pass_rows
     for s, n in per_block.items():
@@ -67,11 +75,10 @@ def test_each_update_costs_one_backward_over_the_blocks_above_the_edit(llama, to
     assert w4.flops > w3.flops
 
 
-def test_fine_tuning_unembeds_its_noise_rows_targets(llama, tokenizer):
+def test_fine_tuning_unembeds_only_its_target_positions(llama, tokenizer):
     req = _request()
-    n_target = len(scoring.encode(tokenizer, scoring.with_space(req.target), bos_token=False))
+    n_target = _n_target(tokenizer, req)
     hp = {"layers": [2], "window": 1}
     w = edit_bound.edit_flops(llama, tokenizer, req, "ft1", 2, hp, n_templates=1, updates=3, noised=False)
-    d_model, _ = models.dims(llama)
     assert w.unembed_rows == n_target
-    assert w.rows[(d_model, len(tokenizer))] == n_target * 2 * 3
+    assert w.rows[_unemb(llama, tokenizer)] == n_target * 2 * 3  # forward and backward of each of 3 updates
