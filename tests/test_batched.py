@@ -206,6 +206,35 @@ def test_fast_mode_under_subject_noise_recomputes_from_the_subject(tiny, method,
     assert len(made) == 1  # code-position noise lands in the prefix: full passes only
 
 
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_clean_suffix_steps_start_above_the_edited_block(tiny, method, monkeypatch):
+    """Clean fast-mode steps do not run the edited block: δ lands on its output unchanged (MEMIT's block output;
+    ROME's MLP output, which GPT-2 adds straight into the stream), so every step replays that output, recorded
+    once with δ = 0, plus δ into the block above (batched_deltas.resume_layer), and the edits still agree with
+    the one-fact path (deltas to 1e-4 of their max, post-edit probabilities to 1e-5 relative)."""
+    from helpers import hooks
+
+    reqs = [r for r in _requests() if r.noise is None]
+    layer = 0 if method == "memit" else 1  # MEMIT's z at central layer 0 is block 2 (see the test above)
+    top = 2 if method == "memit" else 1
+    kind = "block" if method == "memit" else "mlp"
+    assert batched_deltas.resume_layer(tiny.model, kind, top) == top + 1
+    assert batched_deltas.resume_layer(tiny.model, kind, 3) == 3  # the top block: nothing above to resume at
+    calls, real = [], hooks.resume_at
+
+    def spy(model, at, hidden, force=False):
+        calls.append(at)
+        return real(model, at, hidden, force)
+
+    one = [E.edit(tiny.model, tiny.tok, r, method, layer, HP[method], stats=tiny.stats, templates=tiny.templates)
+           for r in reqs]
+    monkeypatch.setattr(hooks, "resume_at", spy)
+    many = BT.edit_many(tiny.model, tiny.tok, reqs, method, layer, HP[method], stats=tiny.stats,
+                        templates=tiny.templates, exact=False)
+    assert calls.count(top + 1) == _steps(tiny, method) and top not in calls
+    _assert_same_edits(tiny, reqs, many, one, method)
+
+
 def test_memit_window_passes_replay_the_stream_below_the_window(tiny, monkeypatch):
     """Clean MEMIT requests with a window above layer 0 (layers 1-2 of the 4-layer model): the key passes of
     the window's second layer replay the stream entering layer 1 recorded by the first layer's passes (the

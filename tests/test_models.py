@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import hooks, models
+from helpers import hooks, models, scoring
 
 from conftest import ARCHS
 
@@ -108,3 +108,84 @@ def test_named_model_conversion_gets_its_first_token(model_dirs, tmp_path):
     assert scoring.bos(bare_tok) == [] and model_fingerprint(bare) != model_fingerprint(model)
     plain, plain_tok = models.load_model(model_dirs["llama"])  # no marker: nothing prepended
     assert scoring.bos(plain_tok) == [] and not hasattr(plain.config, "helpers_prepend_bos")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mlp_adds_to_stream_matches_the_block(model_dirs, arch):
+    """The table's ``mlp_adds_to_stream`` is what the block does: a vector added to the MLP module's output at
+    one position moves the block's output there by exactly that vector (float rounding) where it says True, and
+    by something else where it says False (Gemma 3 norms the MLP's output before the residual add)."""
+    model, tok = models.load_model(model_dirs[arch])
+    x = torch.randint(2, len(tok), (2, 5))
+    v = torch.randn(models.dims(model)[0]) * 3
+    block = models.module_name(model, "block", 1)
+
+    def block_out(edit):
+        with hooks.trace(model, [block, models.module_name(model, "mlp", 1)], edit=edit) as tr, torch.no_grad():
+            model(input_ids=x)
+        return tr.outputs[block]
+
+    def add(out, name):
+        if name.endswith("mlp"):
+            out = out.clone()
+            out[1, 3] += v
+        return out
+
+    clean, moved = block_out(None), block_out(add)
+    expect = clean.clone()
+    expect[1, 3] += v
+    adds = torch.allclose(moved, expect, atol=1e-5, rtol=1e-5)
+    assert adds == models.arch_of(model).mlp_adds_to_stream, arch
+    assert torch.equal(moved[0], clean[0]) and torch.equal(moved[1, :3], clean[1, :3])  # nothing else moved
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama-gqa"])
+def test_grouped_sdpa_is_bitwise_the_repeated_heads(model_dirs, tokenizer, arch, monkeypatch):
+    """A grouped-query model on a CPU hands its key/value heads to torch's SDPA as they are
+    (models.use_grouped_sdpa): over a padded batch (a mask) with a key/value cache, as the suffix passes run,
+    the logits and the gradient reaching the input embeddings equal bitwise those of transformers' default
+    (heads repeated), with 1 and with 2 threads."""
+    monkeypatch.delenv(models.SDPA_GQA_ENV, raising=False)
+    if arch == "gemma3":
+        model, tok = models.load_model(model_dirs[arch])
+    else:  # 4 query heads share 2 key/value heads
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=64, vocab_size=len(tokenizer)))
+        model.eval().requires_grad_(False)
+        tok = tokenizer
+    assert models.use_grouped_sdpa(model)  # the loader (or this call) switched it on
+    x = torch.randint(2, len(tok), (3, 9))
+    mask = torch.ones_like(x)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+
+    def run(env: str, threads: int):
+        monkeypatch.setenv(models.SDPA_GQA_ENV, env)
+        torch.set_num_threads(threads)
+        emb = models.module(model, "embed")(x).detach().requires_grad_()
+        with torch.no_grad():
+            past = scoring.cache_of(model(inputs_embeds=emb[:, :5], attention_mask=mask[:, :5], use_cache=True))
+        out = model(inputs_embeds=emb[:, 5:], attention_mask=mask, position_ids=torch.arange(5, 9)[None].expand(3, -1),
+                    **{scoring.cache_kwarg(model): past}).logits
+        out.pow(2).sum().backward()
+        return out.detach(), emb.grad
+
+    grouped_calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        grouped_calls.append(kwargs.get("enable_gqa", False))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    run("1", 1)
+    assert grouped_calls and all(grouped_calls)  # the switch reaches torch's kernel
+    try:
+        for threads in (1, 2):
+            grouped, repeated = run("1", threads), run("0", threads)
+            assert all(torch.equal(a, b) for a, b in zip(grouped, repeated)), threads
+        assert all(torch.equal(a, b) for a, b in zip(run("1", 1), run("1", 2)))
+    finally:
+        torch.set_num_threads(1)

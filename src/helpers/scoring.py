@@ -231,20 +231,26 @@ class ScoredLogits:
     def set(self, logits: torch.Tensor) -> None:
         """Store the pass's logits: (1, R, V) when selected, else (B, T, V)."""
         if SELECT_LOGITS:
-            self.logits = logits[0]
+            # a view: its backward allocates nothing (indexing [0] would zero-fill a (1, R, V) gradient)
+            self.logits = logits.squeeze(0)
         else:
             self.logits = torch.cat([logits[self.rows, self.cols], logits[self.er, self.ec]])
+        # one split into target and extra rows: its backward writes both gradients into one (R, V) tensor, where
+        # two slices would each zero-fill an (R, V) gradient and a third would hold their sum
+        n = len(self.rows)
+        self._targets, self._extra = self.logits.split([n, self.logits.shape[0] - n])
 
     def target_token_logprobs(self) -> list[torch.Tensor]:
         """Per row, log p of each target token (as :func:`target_token_logprobs`)."""
-        n = len(self.rows)
         ids = self.batch.input_ids[self.rows, self.cols + 1]
-        lp = log_probs(self.logits[:n]).gather(-1, ids[:, None].to(self.logits.device))[:, 0]
+        lp = log_probs(self._targets).gather(-1, ids[:, None].to(self.logits.device))[:, 0]
         return list(lp.split(self.counts))
 
-    def extra(self) -> torch.Tensor:
-        """(len(extra), V) logits at the extra positions."""
-        return self.logits[len(self.rows):]
+    def extra_logprobs(self) -> tuple[torch.Tensor, ...]:
+        """Per extra position, its (V,) log-probabilities: one log-softmax over all of them (rows are independent:
+        the same numbers as one row at a time), handed out by ``unbind``, whose backward stacks the rows'
+        gradients into one tensor (indexing row by row would zero-fill a full gradient per row)."""
+        return log_probs(self._extra).unbind(0)
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:

@@ -21,13 +21,13 @@ from .rome import KL_TEMPLATE
 log = logging.getLogger(__name__)
 
 
-def _prime(model, name: str, layer: int, batch, cut: torch.Tensor, suffixes: dict, belows: dict):
-    """The first, full pass over a clean batch, without autograd: records the stream entering block ``layer``
-    and the key/value cache of the positions before ``cut`` (the δ positions) for the suffix passes. Returns
-    ``name``'s output (rows × positions × d_model), or None when no suffix pass can be built (the caller then
-    runs full passes, as without priming)."""
+def _prime(model, name: str, resume: int, batch, cut: torch.Tensor, suffixes: dict, belows: dict):
+    """The first, full pass over a clean batch, without autograd: records the stream entering block ``resume``
+    (see :func:`resume_layer`) and the key/value cache of the positions before ``cut`` (the δ positions) for
+    the suffix passes. Returns ``name``'s output (rows × positions × d_model), or None when no suffix pass can
+    be built (the caller then runs full passes, as without priming; nothing is recorded)."""
     with torch.no_grad(), hooks.trace(model, name, retain_output=True) as tr, \
-            hooks.reuse_below(model, layer, None, record=True) as rb:
+            hooks.reuse_below(model, resume, None, record=True) as rb:
         # the decoder alone: nothing reads this pass's logits (the unembedding of every position of every row
         # would cost 1-2% of the edit)
         out = model.base_model(**batch.model_inputs(), use_cache=True)
@@ -41,6 +41,16 @@ def _prime(model, name: str, layer: int, batch, cut: torch.Tensor, suffixes: dic
     if rb.stream is not None:
         belows[id(batch)] = sp.gather(rb.stream)
     return tr.outputs[name]
+
+
+def resume_layer(model: nn.Module, kind: str, layer: int) -> int:
+    """The first block a clean suffix step runs when δ is added to ``kind``'s output at block ``layer``:
+    ``layer + 1`` when δ reaches the block's output unchanged (MEMIT's block output; ROME's MLP output where
+    the MLP adds straight into the stream, :attr:`models.ArchSpec.mlp_adds_to_stream`) and a block exists
+    above, so that block ``layer``'s output, recorded once with δ = 0, plus δ at the δ positions is what
+    the next block reads (SCIENCE.md §6's steps need layers ``layer + 1`` on); else ``layer``."""
+    adds = kind == "block" or (kind == "mlp" and models.arch_of(model).mlp_adds_to_stream)
+    return layer + 1 if adds and layer + 1 < models.n_layers(model) else layer
 
 
 #: Fixed cost of one more pass per optimisation step, in padded row-positions (one row-position of SmolLM2's
@@ -143,7 +153,8 @@ def _optimize_deltas(
         pos_list = [p for k in ks for p in facts[k][2]]
         passes.append((ks, batch, torch.tensor(pos_list, device=dev), pos_list))
     name = models.module_name(model, kind, layer)
-    belows: dict[int, torch.Tensor] = {}
+    resume = resume_layer(model, kind, layer)  # where a primed (clean, suffix) step starts
+    belows: dict[int, torch.Tensor] = {}  # per pass: the stream entering block `resume` (primed) or `layer`
     suffixes: dict[int, SuffixPass] = {}
     primed: dict[int, torch.Tensor | None] = {}  # per pass: the module's output in the graph-free first pass
     d_model, _ = models.dims(model)
@@ -178,18 +189,23 @@ def _optimize_deltas(
                 # stream below the block needs no graph; the first step's loss then comes from a suffix pass like
                 # every later step's. Keeping the full pass's activations for a backward was the peak of memory
                 # (8 facts of SmolLM2: about 2.5 GB of the 5.5 GB peak).
-                primed[id(batch)] = _prime(model, name, layer, batch, pos, suffixes, belows)
+                primed[id(batch)] = _prime(model, name, resume, batch, pos, suffixes, belows)
             below = belows.get(id(batch)) if reuse else None
             sp = suffixes.get(id(batch)) if prefix else None
             cuts = sp.cuts if sp is not None else [0] * (per * len(ks))
+            # a primed step starts above the edited block: its recorded output plus δ at the δ positions
+            start, edit = layer, None
+            if prefix and reuse and below is not None and resume > layer:
+                start, below = resume, hooks.add_at_positions(d_rows, pos - sp.cut)(below, name)
+            else:
+                edit = hooks.add_at_positions(d_rows, pos - sp.cut if sp is not None else pos)
             if noise is not None:  # each row's subject range, in the columns of the pass that runs
                 noise.set_rows([(k, [(b - c, e - c) for (b, e), c in zip(facts[k][3], cuts[j * per: (j + 1) * per])])
                                 for j, k in enumerate(ks)])
-            edit_pos = pos - sp.cut if sp is not None else pos
             scored = sp.batch if sp is not None else batch
             kl_at = [(j * per + n, pos_list[j * per + n] - cuts[j * per + n]) for j in range(len(ks))]
-            with hooks.trace(model, name, edit=hooks.add_at_positions(d_rows, edit_pos), retain_output=it == 0 and primed.get(id(batch)) is None) \
-                    as tr, hooks.reuse_below(model, layer, below, record=reuse) as rb, \
+            with hooks.trace(model, name, edit=edit, retain_output=it == 0 and primed.get(id(batch)) is None) \
+                    as tr, hooks.reuse_below(model, start, below, record=reuse) as rb, \
                     scoring.scored_logits(model, scored, extra=kl_at) as sc:
                 if sp is not None:
                     sc.set(model(**sp.model_inputs(model)).logits)
@@ -206,7 +222,7 @@ def _optimize_deltas(
             if rb.stream is not None:
                 sp_new = suffixes.get(id(batch))
                 belows[id(batch)] = sp_new.gather(rb.stream) if sp_new is not None else rb.stream
-            row_lps, kl_logits = sc.target_token_logprobs(), sc.extra()
+            row_lps, kl_rows = sc.target_token_logprobs(), sc.extra_logprobs()
             for j, k in enumerate(ks):
                 if k in failed:
                     continue
@@ -217,7 +233,7 @@ def _optimize_deltas(
                     v_init[k] = first[r0, pos_list[r0]].detach().float().clone()
                 lps = row_lps[r0 : r0 + n]
                 nll = torch.stack([-lp.mean() for lp in lps]).mean()
-                kl_logp = torch.log_softmax(kl_logits[j].float(), -1)[None]
+                kl_logp = kl_rows[j][None]
                 if kl_init[k] is None:
                     kl_init[k] = kl_logp.detach().clone()
                 kl = kl_factor * F.kl_div(kl_init[k], kl_logp, log_target=True, reduction="batchmean")

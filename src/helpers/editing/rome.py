@@ -129,7 +129,7 @@ def optimize_delta(
             below = rb.stream
         lps = sc.target_token_logprobs()[:n]
         nll = torch.stack([-lp.mean() for lp in lps]).mean()
-        kl_logp = torch.log_softmax(sc.extra()[0].float(), -1)[None]
+        kl_logp = sc.extra_logprobs()[0][None]
         if kl_init is None:
             kl_init = kl_logp.detach().clone()
         kl = kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
