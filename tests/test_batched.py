@@ -276,6 +276,8 @@ def test_fast_mode_splits_clean_and_noised_facts_into_their_own_passes(tiny, mon
     start, recomputed from there) in one call: each gets the pass its rows need, and both still agree with the
     one-fact path."""
     reqs = [_requests()[2], _requests()[0]]
+    # a pass costs 32 padded row-positions: less than these two facts' rows would pad in one pass
+    monkeypatch.setattr(batched_deltas, "PASS_OVERHEAD_POSITIONS", 32)
     made, used = _spy_suffix_passes(monkeypatch)
     one, many = _one_and_many(tiny, reqs, "rome")
     assert len(made) == 2 and all(len(m.cut) == len(tiny.templates.rome) + 1 for m in made)

@@ -53,11 +53,14 @@ def resume_layer(model: nn.Module, kind: str, layer: int) -> int:
     return layer + 1 if adds and layer + 1 < models.n_layers(model) else layer
 
 
-#: Fixed cost of one more pass per optimisation step, in padded row-positions (one row-position of SmolLM2's
-#: 17 layers above layer 12, forward and backward: ~1.3 ms on 2 EPYC cores; a pass's Python and hook
-#: overhead ~20 ms, and smaller products run a little below the machine's peak): a fact gets a pass of its own
-#: only when that saves more padding than this.
-PASS_OVERHEAD_POSITIONS = 32
+#: Fixed cost of one more pass per optimisation step, in padded row-positions: its Python and hook overhead,
+#: its own unembedding, which streams the whole (vocabulary x d_model) weight forward and backward
+#: whatever its rows, and its smaller, slower products. A fact gets a pass of its own only when that saves more
+#: padding than this. Calibrated on SmolLM2 at layer 12, 8 facts (session 25, Intel Xeon, 2 threads, runs
+#: alternated in one process): 32 split MEMIT's 8 facts into passes of 294 and 49 rows, 64 keeps one pass of
+#: 392 (MEMIT 10% faster); ROME's grouping (3 passes of 22 rows a fact) is the same at 32 and 64, and 128 merged
+#: two of them, 5% slower.
+PASS_OVERHEAD_POSITIONS = 64
 
 
 def cut_kind(spec) -> str:
