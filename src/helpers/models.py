@@ -234,9 +234,10 @@ def load_model(
     editing 15-20% faster on a CPU); ``False`` keeps transformers' module.
 
     ``attn_implementation`` (transformers' own attention functions): None = transformers' default (``"sdpa"``).
-    ``"eager"`` is faster for this project's short passes on a CPU (8 batched ROME edits of SmolLM2: 92.7 ->
-    81.4 s, the CPU flash kernel's backward being the difference) but its results change in the last bits with
-    the thread count, so tables would no longer be byte-identical across ``--jobs`` settings: not the default.
+    ``"eager"`` was faster for this project's short passes on a CPU (session 19, 8 batched ROME edits of
+    SmolLM2: 92.7 -> 81.4 s, the CPU flash kernel's backward being the difference; measured before
+    :func:`use_grouped_sdpa`) but its results change in the last bits with the thread count, so tables would no
+    longer be byte-identical across ``--jobs`` settings: not the default.
 
     ``bos_token``: a token every text starts with (:func:`helpers.scoring.set_bos`) for a tokenizer that adds
     none. ``"auto"``: the named model's rule (:attr:`~helpers.named_models.NamedModel.prepend_bos`: SmolLM2 gets
