@@ -439,7 +439,10 @@ def test_stages_on_a_ray_pool_equal_the_local_run(standin_book, tmp_path):
             if x.map(lambda v: hasattr(v, "__len__") and not isinstance(v, str)).any():
                 x, y = x.explode(), y.explode()
             if pd.api.types.is_float_dtype(x) or c.endswith(("_pre", "_post")):
-                pd.testing.assert_series_equal(x.astype(float), y.astype(float), rtol=1e-5, atol=1e-6, obj=c)
+                # after an edit: fast mode's float-level parity (deltas to 1e-4 of their max, tests/test_batched.py);
+                # the pool edits 2 facts a call where the local run edits all 3 of a layer: passes padded differently
+                rtol = 1e-4 if c.endswith("_post") else 1e-5
+                pd.testing.assert_series_equal(x.astype(float), y.astype(float), rtol=rtol, atol=1e-6, obj=c)
             else:
                 assert x.astype(str).tolist() == y.astype(str).tolist(), (table, c)
 

@@ -309,8 +309,9 @@ def use_grouped_sdpa(model: nn.Module) -> bool:
     per query head first, which it does by default whenever a mask is given (every padded batch here). Same
     numbers bitwise, thread-count invariant too (tests/test_models.py), and the attention's forward and
     backward about twice as fast on these short passes. Sets ``$TRANSFORMERS_SDPA_FORCE_GQA`` (process-wide)
-    unless the user set it; not on a GPU, where a masked grouped call would leave the fused kernels. Returns
-    whether grouped calls are on for this model."""
+    unless the user set it; not for a GPU model, where a masked grouped call would leave the fused kernels (a GPU
+    model loaded after a CPU one in the same process inherits the setting: unset it there). Returns whether
+    grouped calls are on for this model."""
     import os
 
     cfg = getattr(model, "config", None)
