@@ -116,8 +116,9 @@ def test_mlp_adds_to_stream_matches_the_block(model_dirs, arch):
     one position moves the block's output there by exactly that vector (float rounding) where it says True, and
     by something else where it says False (Gemma 3 norms the MLP's output before the residual add)."""
     model, tok = models.load_model(model_dirs[arch])
-    x = torch.randint(2, len(tok), (2, 5))
-    v = torch.randn(models.dims(model)[0]) * 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(2, len(tok), (2, 5), generator=g)
+    v = torch.randn(models.dims(model)[0], generator=g) * 3
     block = models.module_name(model, "block", 1)
 
     def block_out(edit):
@@ -157,7 +158,7 @@ def test_grouped_sdpa_is_bitwise_the_repeated_heads(model_dirs, tokenizer, arch,
         model.eval().requires_grad_(False)
         tok = tokenizer
     assert models.use_grouped_sdpa(model)  # the loader (or this call) switched it on
-    x = torch.randint(2, len(tok), (3, 9))
+    x = torch.randint(2, len(tok), (3, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(x)
     mask[1, 6:] = 0
     mask[2, 3:] = 0

@@ -58,8 +58,8 @@ def resume_layer(model: nn.Module, kind: str, layer: int) -> int:
 #: whatever its rows, and its smaller, slower products. A fact gets a pass of its own only when that saves more
 #: padding than this. Calibrated on SmolLM2 at layer 12, 8 facts (session 25, Intel Xeon, 2 threads, runs
 #: alternated in one process): 32 split MEMIT's 8 facts into passes of 294 and 49 rows, 64 keeps one pass of
-#: 392 (MEMIT 10% faster); ROME's grouping (3 passes of 22 rows a fact) is the same at 32 and 64, and 128 merged
-#: two of them, 5% slower.
+#: 392 (MEMIT's time x0.90); ROME's grouping (3 passes of 22 rows a fact) is the same at 32 and 64, and 128
+#: merged two of them (ROME's time x1.05).
 PASS_OVERHEAD_POSITIONS = 64
 
 
