@@ -235,6 +235,27 @@ def test_clean_suffix_steps_start_above_the_edited_block(tiny, method, monkeypat
     _assert_same_edits(tiny, reqs, many, one, method)
 
 
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_clean_steps_without_a_suffix_pass_run_full_passes(tiny, method, monkeypatch):
+    """When no suffix pass can be built for a batch (a cut outside its prompt: SuffixPass raises), the priming
+    pass records nothing and every step runs full passes through the edited block, replaying the stream that
+    enters it (not the one above it, which only a primed step reads), and the edits still agree with the
+    one-fact path."""
+    reqs = [r for r in _requests() if r.noise is None]
+
+    class NoSuffix(batched_deltas.SuffixPass):
+        def __post_init__(self, cache):
+            raise ValueError("cut outside its prompt (forced)")
+
+    layer = 0 if method == "memit" else 1
+    one = [E.edit(tiny.model, tiny.tok, r, method, layer, HP[method], stats=tiny.stats, templates=tiny.templates)
+           for r in reqs]
+    monkeypatch.setattr(batched_deltas, "SuffixPass", NoSuffix)
+    many = BT.edit_many(tiny.model, tiny.tok, reqs, method, layer, HP[method], stats=tiny.stats,
+                        templates=tiny.templates, exact=False)
+    _assert_same_edits(tiny, reqs, many, one, method)
+
+
 def test_memit_window_passes_replay_the_stream_below_the_window(tiny, monkeypatch):
     """Clean MEMIT requests with a window above layer 0 (layers 1-2 of the 4-layer model): the key passes of
     the window's second layer replay the stream entering layer 1 recorded by the first layer's passes (the

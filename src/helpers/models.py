@@ -10,6 +10,7 @@ Layer indices are 0-based everywhere in code (the paper's layer 6 is code layer 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,8 +313,6 @@ def use_grouped_sdpa(model: nn.Module) -> bool:
     unless the user set it; not for a GPU model, where a masked grouped call would leave the fused kernels (a GPU
     model loaded after a CPU one in the same process inherits the setting: unset it there). Returns whether
     grouped calls are on for this model."""
-    import os
-
     cfg = getattr(model, "config", None)
     grouped = (getattr(cfg, "num_key_value_heads", None) or 0) < (getattr(cfg, "num_attention_heads", None) or 0)
     if not grouped or device_of(model).type != "cpu":

@@ -157,7 +157,7 @@ def _optimize_deltas(
         passes.append((ks, batch, torch.tensor(pos_list, device=dev), pos_list))
     name = models.module_name(model, kind, layer)
     resume = resume_layer(model, kind, layer)  # where a primed (clean, suffix) step starts
-    belows: dict[int, torch.Tensor] = {}  # per pass: the stream entering block `resume` (primed) or `layer`
+    belows: dict[int, torch.Tensor] = {}  # per pass: the stream entering block `resume` if primed, else `layer`
     suffixes: dict[int, SuffixPass] = {}
     primed: dict[int, torch.Tensor | None] = {}  # per pass: the module's output in the graph-free first pass
     d_model, _ = models.dims(model)
@@ -196,12 +196,12 @@ def _optimize_deltas(
             below = belows.get(id(batch)) if reuse else None
             sp = suffixes.get(id(batch)) if prefix else None
             cuts = sp.cuts if sp is not None else [0] * (per * len(ks))
-            # a primed step starts above the edited block: its recorded output plus δ at the δ positions
-            start, edit = layer, None
-            if prefix and reuse and below is not None and resume > layer:
-                start, below = resume, hooks.add_at_positions(d_rows, pos - sp.cut)(below, name)
-            else:
-                edit = hooks.add_at_positions(d_rows, pos - sp.cut if sp is not None else pos)
+            add = hooks.add_at_positions(d_rows, pos - sp.cut if sp is not None else pos)
+            # a primed step (its priming pass recorded the stream entering block `resume`) starts above the edited
+            # block: that block's recorded output plus δ at the δ positions; any other step adds δ in the block
+            start, edit = layer, add
+            if reuse and primed.get(id(batch)) is not None and resume > layer:
+                start, edit, below = resume, None, add(below, name)
             if noise is not None:  # each row's subject range, in the columns of the pass that runs
                 noise.set_rows([(k, [(b - c, e - c) for (b, e), c in zip(facts[k][3], cuts[j * per: (j + 1) * per])])
                                 for j, k in enumerate(ks)])
