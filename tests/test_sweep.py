@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -79,6 +80,62 @@ def test_essence_texts_start_with_prompt_and_are_seeded(lm):
     t1 = evaluation.essence_texts(model, tok, "Toko Yasuda", n=3, max_out_len=15, seed=4)
     assert len(t1) == 3 and all(t.startswith("Toko Yasuda is a") for t in t1)
     assert t1 == evaluation.essence_texts(model, tok, "Toko Yasuda", n=3, max_out_len=15, seed=4)
+
+
+def test_essence_texts_of_several_subjects_are_their_one_subject_texts(lm):
+    """Sampled together (left-padded, each subject's rows on their own generator), every subject gets the texts
+    its own call gives, in fewer decoding passes."""
+    model, tok = lm
+    subjects, seeds = ["Toko Yasuda", "Danielle Darrieux", "Apple A5", "Paris"], [4, 7, 4, 0]
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        many = evaluation.essence_texts_many(model, tok, subjects, seeds, n=3, max_out_len=18, facts_per_pass=3)
+        n_many = len(calls)
+        one = [evaluation.essence_texts(model, tok, s, n=3, max_out_len=18, seed=sd) for s, sd in zip(subjects, seeds)]
+    finally:
+        handle.remove()
+    assert many == one
+    assert n_many < len(calls) - n_many  # two batches (3 + 1 subjects) against four one-subject calls
+    assert many[0] != many[2]  # same seed, another subject: other texts
+    with pytest.raises(ValueError, match="2 subjects but 1 seeds"):
+        evaluation.essence_texts_many(model, tok, ["a", "b"], [1])
+
+
+def test_one_seed_per_prompt_group_draws_as_that_group_alone(lm):
+    """``seed`` as a list: each run of equal seeds draws from its own generator, also when a group is longer than
+    a batch (its generator carries over), exactly as a call with that group and one seed."""
+    model, tok = lm
+    prompts = ["Toko Yasuda, the"] * 5 + ["The mother tongue of"] * 2
+    got = generation.generate(model, tok, prompts, max_new_tokens=4, top_k=5, seed=[3] * 5 + [9] * 2, batch_size=4)
+    alone = (generation.generate(model, tok, prompts[:5], max_new_tokens=4, top_k=5, seed=3, batch_size=4)
+             + generation.generate(model, tok, prompts[5:], max_new_tokens=4, top_k=5, seed=9, batch_size=4))
+    assert got == alone
+    assert len(set(got[:5])) > 1  # the group's rows really are sampled, not copies
+
+
+def test_pre_edit_rows_equal_the_one_fact_reference(lm, facts, tmp_path):
+    """Chunked pre-edit rows (batched measurement, essence texts sampled together) equal make_task +
+    essence_texts + evaluation.measure one fact at a time, up to float rounding; a second problem reuses the
+    first one's essence texts."""
+    model, tok = lm
+    fs = facts.head(3)
+    pre = sweep.pre_edit(model, tok, fs, "ff", SIGMA, tmp_path, essence_samples=2)
+    for _, f in fs.iterrows():
+        task = make_task(model, tok, f, "ff", SIGMA)
+        texts = evaluation.essence_texts(model, tok, f["subject"], n=2, seed=int(f["case_id"]))
+        ref = evaluation.measure(model, tok, task, f, texts)
+        row = pre.loc[int(f["case_id"])]
+        assert list(row["essence_texts"]) == texts and row["baseline"] == task.baseline
+        for k, v in ref.items():
+            assert np.allclose(np.asarray(row[f"{k}_pre"], float), np.asarray(v, float), rtol=1e-5, atol=0), k
+    sampled = []
+    real = evaluation.essence_texts_many
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluation, "essence_texts_many", lambda *a, **k: sampled.append(a[2]) or real(*a, **k))
+        ei = sweep.pre_edit(model, tok, facts.head(4), "ei", SIGMA, tmp_path, essence_samples=2)
+    assert [list(x) for x in sampled] == [[facts.iloc[3]["subject"]]]  # only the new fact was sampled
+    assert all(list(ei.loc[c]["essence_texts"]) == list(pre.loc[c]["essence_texts"]) for c in pre.index)
 
 
 def _cell(method="ft1", problem="ei", batch_size=2, layers=(0, 2)):
@@ -159,7 +216,7 @@ def test_pre_edit_quantities_are_cached_per_problem(lm, facts, tmp_path, monkeyp
     model, tok = lm
     sweep.run_cell(model, tok, facts.head(2), _cell("ft1", "fa"), tmp_path / "x.parquet", tmp_path)
     calls = []
-    monkeypatch.setattr(evaluation, "essence_texts", lambda *a, **k: calls.append(1) or ["x is a y"])
+    monkeypatch.setattr(evaluation, "essence_texts_many", lambda *a, **k: calls.append(1) or [["x is a y"]])
     sweep.run_cell(model, tok, facts.head(2), _cell("ft5", "fa"), tmp_path / "y.parquet", tmp_path)
     assert calls == []  # the second method reused the cached pre-edit measurements
     pre = pd.read_parquet(tmp_path / "pre" / "fa.parquet")
@@ -173,7 +230,7 @@ def test_no_essence_samples_skips_essence_and_keeps_the_scores(lm, facts, tmp_pa
     with_essence = sweep.run_cell(model, tok, facts.head(2), _cell("ft1", "fa"), tmp_path / "a.parquet",
                                   tmp_path / "a")
     calls = []
-    monkeypatch.setattr(evaluation, "essence_texts", lambda *a, **k: calls.append(1) or ["x is a y"])
+    monkeypatch.setattr(evaluation, "essence_texts_many", lambda *a, **k: calls.append(1) or [["x is a y"]])
     cfg = _cell("ft1", "fa")
     cfg.essence_samples = 0
     without = sweep.run_cell(model, tok, facts.head(2), cfg, tmp_path / "b.parquet", tmp_path / "b")

@@ -73,13 +73,30 @@ def probs(model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str],
 def essence_texts(model: nn.Module, tok, subject: str, n: int = 5, max_out_len: int = 100, seed: int = 0) -> list[str]:
     """Texts sampled from the (pre-edit) model after "{s} is a" (top-k 5, ``max_out_len`` tokens in total),
     NFKD-normalized, blank lines folded, end-of-text removed (SCIENCE.md §7.2)."""
-    prompt = f"{subject} is a"
-    conts = generation.generate(model, tok, [prompt] * n, max_out_len=max_out_len, top_k=5, seed=seed)
+    return essence_texts_many(model, tok, [subject], [seed], n=n, max_out_len=max_out_len)[0]
+
+
+def essence_texts_many(model: nn.Module, tok, subjects: Sequence[str], seeds: Sequence[int], n: int = 5,
+                       max_out_len: int = 100, facts_per_pass: int = 8) -> list[list[str]]:
+    """:func:`essence_texts` of each (subject, seed), sampled for up to ``facts_per_pass`` subjects together:
+    each subject's ``n`` rows draw from their own generator, so a subject gets the texts its one-subject call
+    gives wherever batching leaves the model's probabilities unchanged (it changes them only by float rounding).
+    One decoding step costs about as much for 40 rows as for 5 on a CPU (it reads every weight once), so this
+    is several times faster than one subject at a time."""
+    if len(subjects) != len(seeds):
+        raise ValueError(f"{len(subjects)} subjects but {len(seeds)} seeds")
+    prompts = [f"{s} is a" for s in subjects for _ in range(n)]
+    conts = generation.generate(model, tok, prompts, max_out_len=max_out_len, top_k=5,
+                                seed=[int(sd) for sd in seeds for _ in range(n)],
+                                batch_size=max(1, n * facts_per_pass))
     eos = tok.eos_token or ""
     out = []
-    for c in conts:
-        text = unicodedata.normalize("NFKD", f"{prompt} {c}".strip()).replace("\n\n", " ")
-        out.append(text.replace(eos, "") if eos else text)
+    for k in range(len(subjects)):
+        texts = []
+        for prompt, c in zip(prompts[k * n : (k + 1) * n], conts[k * n : (k + 1) * n]):
+            text = unicodedata.normalize("NFKD", f"{prompt} {c}".strip()).replace("\n\n", " ")
+            texts.append(text.replace(eos, "") if eos else text)
+        out.append(texts)
     return out
 
 

@@ -8,7 +8,8 @@ NaN or inf) becomes a row with ``status="error"`` and its message, and the sweep
 
 Pre-edit quantities (the task's target, p(target) before the edit, the essence texts and their perplexity)
 depend on the fact and the problem only; they are computed once and cached in
-``<results>/pre/<problem>.parquet`` for every method and layer to reuse.
+``<results>/pre/<problem>.parquet`` for every method and layer to reuse (the essence texts, which depend on the
+fact alone, once for every problem: ``<results>/pre/essence.parquet``).
 
 Edit rows (the interface to the analysis; list columns hold one value per prompt)::
 
@@ -95,24 +96,52 @@ def _pre_path(results: Path, problem: str) -> Path:
     return results / "pre" / f"{get_problem(problem).key}.parquet"
 
 
+PRE_CHUNK = 8  # facts measured together before their edits (essence sampling and evaluation passes)
+
+
+def _essence_path(results: Path) -> Path:
+    return results / "pre" / "essence.parquet"
+
+
+def _essence_texts(model: nn.Module, tok, chunk: list, results: Path, n: int) -> list[list[str]]:
+    """The essence texts of each fact of ``chunk``: sampled once per fact and model for every problem (they
+    depend on neither; each fact's seed is its case_id), kept in ``<results>/pre/essence.parquet``."""
+    path = _essence_path(results)
+    key = _fingerprint("essence", n, _model_id(model))
+    have = _read_if_same(path, key, pd.DataFrame({"case_id": pd.Series(dtype=int), "essence_texts": []}))
+    known = {int(c): list(t) for c, t in zip(have["case_id"], have["essence_texts"])}
+    todo = [f for f in chunk if int(f["case_id"]) not in known]
+    if todo:
+        texts = evaluation.essence_texts_many(model, tok, [f["subject"] for f in todo],
+                                              [int(f["case_id"]) for f in todo], n=n)
+        known.update({int(f["case_id"]): t for f, t in zip(todo, texts)})
+        ids = sorted(known)
+        tables.write_table(pd.DataFrame({"case_id": ids, "essence_texts": [known[c] for c in ids]}), path, key)
+    return [known[int(f["case_id"])] for f in chunk]
+
+
 def pre_edit(model: nn.Module, tok, facts: pd.DataFrame, problem: str, sigma: float, results: Path,
              options: ProblemOptions = ProblemOptions(), essence_samples: int = 5) -> pd.DataFrame:
-    """Per fact: the task (target, baseline, …) and its pre-edit measurements; cached on disk per problem."""
+    """Per fact: the task (target, baseline, …) and its pre-edit measurements; cached on disk per problem
+    (written after every chunk of :data:`PRE_CHUNK` facts, so an interrupted run resumes). The chunk's facts are
+    measured together (``batched.measure_many``: :func:`helpers.evaluation.measure` up to float rounding) and
+    their essence texts sampled together and shared by every problem (:func:`_essence_texts`)."""
+    from .editing import batched
+
     path = _pre_path(results, problem)
     key = _fingerprint("pre", get_problem(problem).key, sigma, options, essence_samples, _model_id(model))
     have = _read_if_same(path, key, pd.DataFrame({"case_id": pd.Series(dtype=int)}))
-    todo = facts[~facts["case_id"].isin(have["case_id"])]
-    rows = []
-    for _, fact in tqdm(todo.iterrows(), total=len(todo), desc=f"pre-edit {problem}", leave=False):
-        task = make_task(model, tok, fact, problem, sigma, options)
-        texts = (evaluation.essence_texts(model, tok, fact["subject"], n=essence_samples, seed=int(fact["case_id"]))
-                 if essence_samples > 0 else [])  # 0: no essence drift (tuning)
-        m = evaluation.measure(model, tok, task, fact, texts)
-        rows.append(dict(case_id=task.case_id, target=task.target, baseline=task.baseline,
-                         neighborhood_target=task.neighborhood_target, essence_texts=texts,
-                         **{f"{k}_pre": v for k, v in m.items()}))
-    if rows:
-        have = pd.concat([have, pd.DataFrame(rows)], ignore_index=True) if len(have) else pd.DataFrame(rows)
+    todo = [f for _, f in facts[~facts["case_id"].isin(have["case_id"])].iterrows()]
+    for i in tqdm(range(0, len(todo), PRE_CHUNK), desc=f"pre-edit {problem} ({len(todo)} facts)", leave=False):
+        chunk = todo[i : i + PRE_CHUNK]
+        tasks = [make_task(model, tok, f, problem, sigma, options) for f in chunk]
+        texts = (_essence_texts(model, tok, chunk, results, essence_samples) if essence_samples > 0
+                 else [[] for _ in chunk])  # 0: no essence drift (tuning)
+        ms = batched.measure_many(model, tok, tasks, chunk, None, texts)
+        rows = pd.DataFrame([dict(case_id=task.case_id, target=task.target, baseline=task.baseline,
+                                  neighborhood_target=task.neighborhood_target, essence_texts=t,
+                                  **{f"{k}_pre": v for k, v in m.items()}) for task, t, m in zip(tasks, texts, ms)])
+        have = pd.concat([have, rows], ignore_index=True) if len(have) else rows
         have = have.sort_values("case_id").reset_index(drop=True)
         tables.write_table(have, path, key)
     return have[have["case_id"].isin(facts["case_id"])].set_index("case_id", drop=False)
