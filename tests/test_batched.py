@@ -435,6 +435,26 @@ def test_measure_many_equals_measure(tiny):
                 ["Lila Durnov is a person who lives in Madrid."], None]
     edits = [E.edit(tiny.model, tiny.tok, r, m, 1, HP[m], stats=tiny.stats, templates=tiny.templates)
              for r, m in zip(reqs, methods)]
+    _check_measure_many(tiny, tasks, facts, edits, essences)
+    assert any(t.eval_sigma is not None for t in tasks)  # one fact noised: facts keep their rows in one pass
+    # No noise: rows of any facts share passes by length (the long paraphrase gets a pass of its own)
+    clean = [Task(i, "x", r, r.target, "piano", "Berlin", None) for i, r in enumerate(reqs)]
+    widths = []
+    handle = tiny.model.register_forward_pre_hook(lambda _m, a, kw: widths.append(kw["input_ids"].shape),
+                                                  with_kwargs=True)
+    try:
+        BT.measure_many(tiny.model, tiny.tok, clean, facts, edits, None)
+    finally:
+        handle.remove()
+    rows = [q for P in map(evaluation.Prompts.of, facts) for q in (P.rewrite, *P.paraphrases, *P.neighborhood)]
+    one_pass = scoring.make_batch(tiny.tok, rows, ["piano"] * len(rows)).input_ids.shape[1]
+    assert len(widths) > 2 and sum(r for r, _ in widths) == 2 * len(rows)  # p and p_base, every row once
+    assert sum(r * t for r, t in widths) < 2 * len(rows) * one_pass  # fewer padded positions than one pass each
+    _check_measure_many(tiny, clean, facts, edits, essences)
+
+
+def _check_measure_many(tiny, tasks, facts, edits, essences):
+    """measure_many (one pass and one fact per pass, edited and not) against evaluation.measure per fact."""
     ref = []
     for t, f, e, es in zip(tasks, facts, edits, essences):
         with E.applied(tiny.model, e):
@@ -453,7 +473,7 @@ def test_measure_many_equals_measure(tiny):
                     assert math.isnan(a), key
                 else:
                     assert a == pytest.approx(b, rel=1e-5), key
-    assert abs(ref[2]["rewrite"] - pre_ref[2]["rewrite"]) > 1e-3  # the FF fact's edit matters
+    assert abs(ref[2]["rewrite"] - pre_ref[2]["rewrite"]) > 1e-3  # the third fact's edit matters
 
 
 def test_batched_noise_draws_equal_input_noise(tiny):

@@ -29,14 +29,57 @@ def _chunks(sizes: Sequence[int], max_rows: int) -> list[list[int]]:
     return groups
 
 
+def _target_logprobs(model, batch) -> torch.Tensor:
+    """Σ log p(target tokens | prompt) per row of ``batch`` (R,), the unembedding only where it is read."""
+    tg = _Targets.of(batch)
+    if scoring.SELECT_LOGITS:
+        with scoring.unembed_at(model, tg.rows, tg.cols):
+            lg = model(**batch.model_inputs()).logits[0].reshape(*tg.cols.shape, -1)
+        return tg.sums_selected(lg)
+    return tg.sums(model(**batch.model_inputs()).logits)
+
+
+def _row_passes(lengths: Sequence[int], max_rows: int) -> list[list[int]]:
+    """Rows (indices into ``lengths``, their padded lengths) cut into passes of similar length: the row-level
+    :func:`~.batched_deltas.pass_groups` (padding against a per-pass overhead), at most ``max_rows`` rows a pass;
+    rows keep their order within a pass."""
+    from .batched_deltas import pass_groups
+
+    return [g[i : i + max_rows] for g in pass_groups(lengths, 1) for i in range(0, len(g), max_rows)]
+
+
 def _probs_many(model, tok, prompts: Sequence[Sequence[str]], targets: Sequence[Sequence[str]],
                 subjects: Sequence[str], sigmas: Sequence[float | None], edits: Sequence[Edit | None] | None,
                 max_rows: int) -> list[list[float]]:
     """Per fact k, p(targets[k][i] | prompts[k][i]) as :func:`helpers.evaluation.probs` computes it (one pass
-    per fact, fresh seed-1 noise per fact), with fact k's edit applied to its rows."""
+    per fact, fresh seed-1 noise per fact), with fact k's edit applied to its rows.
+
+    Without noise, rows of any facts share a pass by length (:func:`_row_passes`: CounterFact's paraphrases,
+    behind a prefix sentence, are several times as long as the other prompts, and one padded pass per group of
+    facts ran about 3x more positions than tokens). With noise (Fact Forcing) a fact's rows stay together in
+    one pass, so that they draw exactly the one-fact noise."""
     from ..evaluation import EVAL_NOISE_SEED, _ranges
 
     out: list[list[float]] = [[] for _ in prompts]
+    edits = list(edits) if edits is not None else [None] * len(prompts)
+    if all(s is None for s in sigmas):
+        items = [(k, i) for k in range(len(prompts)) for i in range(len(prompts[k]))]
+        if not items:
+            return out
+        texts = [prompts[k][i] for k, i in items]
+        tgts = [targets[k][i] for k, i in items]
+        lengths = [int(n) for n in scoring.make_batch(tok, texts, tgts).attention_mask.sum(1)]
+        p = [0.0] * len(items)
+        for rows in _row_passes(lengths, max_rows):
+            batch = scoring.make_batch(tok, [texts[r] for r in rows], [tgts[r] for r in rows],
+                                       device=models.device_of(model))
+            owner = torch.tensor([items[r][0] for r in rows], dtype=torch.long)
+            with torch.no_grad(), applied_per_example(model, edits, owner):
+                for r, v in zip(rows, _target_logprobs(model, batch).exp().tolist()):
+                    p[r] = v
+        for (k, _), v in zip(items, p):
+            out[k].append(v)
+        return out
     for group in _chunks([len(p) for p in prompts], max_rows):
         texts = [p for k in group for p in prompts[k]]
         tgts = [t for k in group for t in targets[k]]
@@ -46,18 +89,10 @@ def _probs_many(model, tok, prompts: Sequence[Sequence[str]], targets: Sequence[
                  if sigmas[k] is not None else None for k in group]
         counts = [len(prompts[k]) for k in group]
         batch = scoring.make_batch(tok, texts, tgts, device=models.device_of(model))
-        sub_edits = [edits[k] for k in group] if edits is not None else [None] * len(group)
         with torch.no_grad(), batched_noise(model, specs) as noise, \
-                applied_per_example(model, sub_edits, counts):
+                applied_per_example(model, [edits[k] for k in group], counts):
             noise.set_rows([(j, _ranges(tok, prompts[k], subjects[k])) for j, k in enumerate(group)])
-            tg = _Targets.of(batch)
-            if scoring.SELECT_LOGITS:  # the unembedding only at the target positions
-                with scoring.unembed_at(model, tg.rows, tg.cols):
-                    lg = model(**batch.model_inputs()).logits[0].reshape(*tg.cols.shape, -1)
-                logp = tg.sums_selected(lg)
-            else:
-                logp = tg.sums(model(**batch.model_inputs()).logits)
-        p = logp.exp().tolist()
+            p = _target_logprobs(model, batch).exp().tolist()
         r = 0
         for k, n in zip(group, counts):
             out[k] = p[r : r + n]
