@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
           f"one-fact {'on' if args.loop_reuse else 'off'}, batched {'off' if args.no_batched_reuse else 'on'}")
 
     cells = {}  # (problem, method) -> tasks, hparams
-    essences = [evaluation.essence_texts(model, tok, f["subject"], n=args.essence, seed=int(f["case_id"]))
-                if args.essence else None for f in fact_rows]
+    essences = (evaluation.essence_texts_many(model, tok, [f["subject"] for f in fact_rows],
+                                              [int(f["case_id"]) for f in fact_rows], n=args.essence)
+                if args.essence else [None] * len(fact_rows))
     for pr in problems:
         tasks = [make_task(model, tok, f, pr, sigma) for f in fact_rows]
         for m in methods:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_editing import HP, Tiny  # noqa: E402  (the tiny-model fixture helper)
 
 from helpers import editing as E  # noqa: E402
-from helpers import evaluation, scoring  # noqa: E402
+from helpers import evaluation, models, scoring  # noqa: E402
 from helpers.editing import batched as BT  # noqa: E402
 from helpers.editing import batched_deltas  # noqa: E402  (where the batched path makes its SuffixPass)
 from helpers.problems import Task  # noqa: E402
@@ -474,6 +474,37 @@ def _check_measure_many(tiny, tasks, facts, edits, essences):
                 else:
                     assert a == pytest.approx(b, rel=1e-5), key
     assert abs(ref[2]["rewrite"] - pre_ref[2]["rewrite"]) > 1e-3  # the third fact's edit matters
+
+
+def test_essence_passes_unembed_only_read_positions_in_chunks(tiny, monkeypatch):
+    """Essence perplexities from passes cut by read positions, the unembedding at those positions only and the
+    log-probabilities taken a few rows at a time equal evaluation.essence_ppl per fact (with and without noise);
+    the unembedding never sees a padded or last position."""
+    from helpers.editing import batched_eval
+
+    texts = [["Zor Makken is a singer. Zor Makken lives in Paris.", "Zor Makken is a"],
+             ["Lila Durnov is a person who lives in Madrid."], [], ["Ottar Venn is a violinist from Oslo."]]
+    subjects = ["Zor Makken", "Lila Durnov", "Nobody", "Ottar Venn"]
+    sigmas = [None, 0.4, None, None]
+    ref = [evaluation.essence_ppl(tiny.model, tiny.tok, t, s, sg) if t else float("nan")
+           for t, s, sg in zip(texts, subjects, sigmas)]
+    ids = [[scoring.encode(tiny.tok, t) for t in ts] for ts in texts]
+    seen = []
+    head = models.module(tiny.model, "unembed")
+    handle = head.register_forward_hook(lambda _m, _a, out: seen.append(out.shape[:2]))
+    monkeypatch.setattr(batched_eval, "ESSENCE_POSITIONS", 20)
+    monkeypatch.setattr(batched_eval, "LOGPROB_CHUNK", 4)
+    try:
+        got = batched_eval._essence_many(tiny.model, tiny.tok, texts, subjects, sigmas, None)
+    finally:
+        handle.remove()
+    assert math.isnan(got[2]) and math.isnan(ref[2])
+    assert [g for k, g in enumerate(got) if k != 2] == pytest.approx([r for k, r in enumerate(ref) if k != 2], rel=1e-5)
+    assert len(seen) > 1 and all(b == 1 for b, _ in seen)  # several passes, each unembedding gathered positions
+    assert sum(r for _, r in seen) == sum(len(i) - 1 for ts in ids for i in ts)  # only the read positions
+    lg = torch.randn(10, 7)
+    want = torch.log_softmax(lg, -1)[torch.arange(10), torch.arange(10) % 7]
+    torch.testing.assert_close(batched_eval._read_logprobs(lg, torch.arange(10) % 7), want)
 
 
 def test_batched_noise_draws_equal_input_noise(tiny):

@@ -100,32 +100,58 @@ def _probs_many(model, tok, prompts: Sequence[Sequence[str]], targets: Sequence[
     return out
 
 
+#: Read positions of one essence pass: its logits over the whole vocabulary are the largest tensor of an
+#: evaluation (2,048 x 49,152 floats = 0.4 GB for SmolLM2; 64 texts of 100 tokens with their log-softmax took 2.5 GB).
+ESSENCE_POSITIONS = 2048
+#: Positions whose log-probabilities are taken at once (a (chunk, vocabulary) temporary).
+LOGPROB_CHUNK = 512
+
+
+def _read_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits[i])[ids[i]] for logits (R, V) and ids (R,), in chunks of :data:`LOGPROB_CHUNK` rows
+    (no (R, V) log-softmax is built). float32; on the logits' device."""
+    out = []
+    for s in range(0, logits.shape[0], LOGPROB_CHUNK):
+        lg = logits[s : s + LOGPROB_CHUNK].float()
+        out.append(lg.gather(1, ids[s : s + LOGPROB_CHUNK, None])[:, 0] - torch.logsumexp(lg, -1))
+    return torch.cat(out) if out else logits.new_zeros(0)
+
+
 def _essence_many(model, tok, texts: Sequence[Sequence[str]], subjects: Sequence[str],
-                  sigmas: Sequence[float | None], edits: Sequence[Edit | None] | None, max_rows: int,
+                  sigmas: Sequence[float | None], edits: Sequence[Edit | None] | None,
                   max_tokens: int = 100) -> list[float]:
-    """Per fact, :func:`helpers.evaluation.essence_ppl` of its texts, with its edit applied to its rows."""
+    """Per fact, :func:`helpers.evaluation.essence_ppl` of its texts, with its edit applied to its rows. Passes
+    hold whole facts and about :data:`ESSENCE_POSITIONS` read positions; the unembedding runs only at the
+    positions read (every token but each text's last)."""
     from ..evaluation import EVAL_NOISE_SEED, _ranges
 
     out = [float("nan")] * len(texts)
-    for group in _chunks([len(t) for t in texts], max_rows):
+    dev = models.device_of(model)
+    ids_of = [[scoring.encode(tok, t)[:max_tokens] for t in ts] for ts in texts]
+    for group in _chunks([sum(max(len(i) - 1, 0) for i in ids) for ids in ids_of], ESSENCE_POSITIONS):
         group = [k for k in group if texts[k]]
         if not group:
             continue
-        ids = [scoring.encode(tok, t)[:max_tokens] for k in group for t in texts[k]]
+        ids = [i for k in group for i in ids_of[k]]
         counts = [len(texts[k]) for k in group]
-        x, mask = scoring.pad_right(tok, ids, models.device_of(model))
+        x, mask = scoring.pad_right(tok, ids, dev)
+        lens = [len(i) for i in ids]
+        rows = torch.tensor([r for r, n in enumerate(lens) for _ in range(n - 1)], dtype=torch.long)
+        cols = torch.tensor([c for n in lens for c in range(n - 1)], dtype=torch.long)
         specs = [NoiseSpec(sigma=sigmas[k], n_samples=1, seed=EVAL_NOISE_SEED, positions="subject")
                  if sigmas[k] is not None else None for k in group]
         sub_edits = [edits[k] for k in group] if edits is not None else [None] * len(group)
         with torch.no_grad(), batched_noise(model, specs) as noise, \
-                applied_per_example(model, sub_edits, counts):
+                applied_per_example(model, sub_edits, counts), scoring.unembed_at(model, rows, cols):
             noise.set_rows([(j, _ranges(tok, texts[k], subjects[k])) for j, k in enumerate(group)])
             logits = model(input_ids=x, attention_mask=mask,
-                           position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-        lps = scoring.next_token_logprobs(torch.log_softmax(logits.float(), -1), x, [len(i) for i in ids])  # CPU
+                           position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[0]  # (read positions, V)
+            lp = _read_logprobs(logits, x[rows.to(dev), cols.to(dev) + 1]).cpu()
+        del logits
+        per_text = list(lp.split([max(n - 1, 0) for n in lens]))
         r = 0
         for k, n in zip(group, counts):
-            out[k] = metrics.essence_ppl([lp.numpy() for lp in lps[r : r + n]])
+            out[k] = metrics.essence_ppl([t.numpy() for t in per_text[r : r + n]])
             r += n
     return out
 
@@ -141,7 +167,8 @@ def measure_many(
 ) -> list[dict]:
     """``[evaluation.measure(model_k, tok, tasks[k], facts[k], essences[k])]`` where model_k is the model
     with ``edits[k]`` applied (None / no ``edits``: the unedited model), computed in a few batched passes
-    with per-example edits. ``max_rows`` bounds the rows of one pass (facts are never split across passes).
+    with per-example edits. ``max_rows`` bounds the rows of one pass of prompts (the rows of a noised fact stay
+    in one pass; see :func:`_probs_many`); essence passes hold about :data:`ESSENCE_POSITIONS` positions.
     """
     from ..evaluation import Prompts
 
@@ -157,7 +184,7 @@ def measure_many(
     p_t = _probs_many(model, tok, prompts, tgt, subj, sig, edits, max_rows)
     p_b = _probs_many(model, tok, prompts, base, subj, sig, edits, max_rows)
     ess = [list(e) if e else [] for e in (essences or [None] * K)]
-    ppl = _essence_many(model, tok, ess, subj, sig, edits, max(1, max_rows // 4))
+    ppl = _essence_many(model, tok, ess, subj, sig, edits)
     out = []
     for k in range(K):
         n = len(own[k])
