@@ -157,12 +157,14 @@ def test_local_model_path_end_to_end_and_skip(tmp_path, model_dirs, monkeypatch)
         assert list(pre["case_id"]) == list(facts[facts["kept"]]["case_id"].head(3))
     from helpers.study import Study
     from helpers import evaluation, sweep
+    from helpers.editing import batched as BT
 
     study = Study.open(str(profile), res, pipeline.cache_dir())
     assert study.stats.path(0).exists() and study.stats.path(2).exists()
     with monkeypatch.context() as mp:  # as a cell's kernel sees it: the real source hash keys the cached rows
         mp.setattr(pipeline, "source_hash", REAL_SOURCE_HASH)
-        mp.setattr(evaluation, "measure", lambda *a, **k: pytest.fail("a cell recomputed pre-edit rows"))
+        for mod, name in ((evaluation, "measure"), (evaluation, "essence_texts_many"), (BT, "measure_many")):
+            mp.setattr(mod, name, lambda *a, **k: pytest.fail("a cell recomputed pre-edit rows"))
         rows = sweep.pre_edit(study.model, study.tok, study.cell_facts("rome", "ff"), "ff", study.sigma, res)
     assert len(rows) == 3  # read from 01's table, nothing computed
     # Unchanged inputs: skipped. A changed profile: re-run.
@@ -409,7 +411,8 @@ def test_tables_are_identical_across_runs_and_job_counts(standin_book, tmp_path)
                 assert p.read_bytes() == (res / study / sub / p.name).read_bytes(), p.name
             pd.testing.assert_frame_equal(a.drop(columns=volatile), b.drop(columns=volatile), check_exact=True)
             compared += 1
-    assert compared == 5 + 3  # the edit tables of 5 cells; pre-edit tables of gpt2's 2 problems and llama's 1
+    # the edit tables of 5 cells; pre-edit tables of gpt2's 2 problems and llama's 1; each study's essence texts
+    assert compared == 5 + 3 + 2
 
 
 @pytest.mark.slow
