@@ -147,16 +147,26 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return [models.module(model, "block", j) for j in range(models.n_layers(model))]
 
 
-def matmul_rate(shapes: list[tuple[int, int]], rows: int, repeats: int = 20) -> dict[tuple[int, int], float]:
-    """This machine's float32 GEMM speed (flop/s) for (rows x in) @ (in x out), per shape, best of ``repeats``."""
+def matmul_rate(shapes: list[tuple[int, int]], rows: int, repeats: int = 20,
+                device: torch.device | str = "cpu") -> dict[tuple[int, int], float]:
+    """This machine's float32 GEMM speed (flop/s) for (rows x in) @ (in x out), per shape, best of ``repeats``,
+    on ``device`` (a GPU's products are timed to their end: the device is synchronised around each)."""
+    device = torch.device(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     out = {}
     for i, o in sorted(set(shapes)):
-        a, b = torch.randn(rows, i), torch.randn(i, o)
+        a, b = torch.randn(rows, i, device=device), torch.randn(i, o, device=device)
         a @ b
         best = float("inf")
         for _ in range(repeats):
+            sync()
             t = time.perf_counter()
             a @ b
+            sync()
             best = min(best, time.perf_counter() - t)
         out[(i, o)] = 2.0 * rows * i * o / best
     return out

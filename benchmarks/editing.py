@@ -44,6 +44,20 @@ from helpers.editing import batched
 from helpers.problems import get_problem, make_task
 
 
+def sync(model) -> None:
+    """Wait for the model's device (asynchronous GPU kernels) before a clock is read."""
+    if models.device_of(model).type == "cuda":
+        torch.cuda.synchronize(models.device_of(model))
+
+
+def print_device(model) -> None:
+    """The GPU and its peak memory, when the model ran on one."""
+    dev = models.device_of(model)
+    if dev.type == "cuda":
+        print(f"device {torch.cuda.get_device_name(dev)}, peak GPU memory "
+              f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
+
+
 def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -80,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                          "padded pass per step, ROME/MEMIT recompute only suffixes; float-level parity)")
     ap.add_argument("--essence", type=int, default=5, help="essence texts per fact (0: none)")
     ap.add_argument("--n-tokens", type=int, default=20000)
+    ap.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda): a profile's `device`; on a GPU "
+                    "the bound's matrix-product rates are measured on it")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--attn", default=None, choices=["sdpa", "eager"],
                     help="transformers' attention function (default: its default, sdpa; eager is faster for short "
@@ -97,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = pick_model(args)
     model, tok = models.load_model(folder, attn_implementation=args.attn)
+    model.to(args.device)
     if args.hparams is None:
         args.hparams = args.model if args.model in NAMED_MODELS else "world"
     L = models.n_layers(model)
@@ -171,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     def run_batched(tasks, m, hp, key=None):
         out = []
         for layer in layers:
+            sync(model)
             t = time.perf_counter()
             edits = batched.edit_many(model, tok, [t.request for t in tasks], m, layer, hp, stats=stats,
                                       templates=templates, chunk_size=args.chunk, exact=args.exact)
+            sync(model)
             if key is not None:
                 edit_time[key] = edit_time.get(key, 0.0) + time.perf_counter() - t
                 made.setdefault(key, []).extend((layer, tk, e) for tk, e in zip(tasks, edits))
@@ -199,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_loop:
         print(f"\npeak RSS: setup {rss0:.0f} MB, after the batched phase {rss_batched:.0f} MB; "
               f"CPU {cpu_name()}, {torch.get_num_threads()} threads")
+        print_device(model)
         return 0
     print(f"\n{'problem':8s} {'method':6s} {'edits':>5s} {'loop e/s':>9s} {'batched e/s':>11s} {'ratio':>6s} "
           f"{'max rel diff p_post':>19s}")
@@ -228,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
           f"after the batched phase {rss_batched:.0f} MB")
     print(f"geometric-mean speed-up {float(np.exp(np.mean(np.log(ratios)))):.2f}x")
     print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads")
+    print_device(model)
     return 0
 
 
@@ -248,8 +269,9 @@ def print_bound(model, tok, cells, made, edit_time, results, templates, n, facts
         return {k: int(np.median([getattr(w, field) for w in ws])) * chunk for k, ws in works.items()}
 
     cell_rows = rows_per_chunk("pass_rows")
+    dev = models.device_of(model)
     shapes = sorted({s for ws in works.values() for w in ws for s in w.rows})
-    rates = {r: edit_bound.matmul_rate(shapes, max(r, 1)) for r in sorted(set(cell_rows.values()))}
+    rates = {r: edit_bound.matmul_rate(shapes, max(r, 1), device=dev) for r in sorted(set(cell_rows.values()))}
     print("\nfloat32 GEMM throughput on the edits' shapes (GFLOP/s; rows = median rows of one pass x chunk "
           f"{chunk}):")
     for r, rate in rates.items():
@@ -260,7 +282,7 @@ def print_bound(model, tok, cells, made, edit_time, results, templates, n, facts
     cell_rates = {k: rates[r] for k, r in cell_rows.items()}
     if unemb not in block_shapes:
         u_rows = rows_per_chunk("unembed_rows")
-        u_rates = {r: edit_bound.matmul_rate([unemb], max(r, 1))[unemb] for r in sorted(set(u_rows.values()))}
+        u_rates = {r: edit_bound.matmul_rate([unemb], max(r, 1), device=dev)[unemb] for r in sorted(set(u_rows.values()))}
         print(f"  unembedding {unemb[0]}x{unemb[1]} at its own rows (read positions x chunk {chunk}): "
               + ", ".join(f"{r} rows {v / 1e9:.0f}" for r, v in u_rates.items()))
         cell_rates = {k: {**rates[r], unemb: u_rates[u_rows[k]]} for k, r in cell_rows.items()}

@@ -137,6 +137,7 @@ def main() -> None:
                     help="timed runs of each path, interleaved (fast, reference, fast, ...); medians are reported")
     ap.add_argument("--layers", type=int, default=8, help="layers of the random GPT-2 (default: the world model's)")
     ap.add_argument("--d-model", type=int, default=128, help="width of the random GPT-2 (default: the world model's)")
+    ap.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda): a profile's `device`")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -150,6 +151,7 @@ def main() -> None:
         label = str(args.model)
     else:
         model, tok, label = default_model(args)
+    model.to(args.device)
     facts = load_facts(args).head(args.facts)
     sigma = tracing.noise_sigma(model, tok, facts["subject"].tolist())
     kw = dict(kinds=[args.kind], windows=windows, sigma=sigma, progress=False, on_missing="skip")
@@ -172,6 +174,9 @@ def main() -> None:
     per = fast.groupby("case_id").agg(T=("seq_len", "first"), b=("subj_begin", "first")).mean()
     diff = (fast["p_restored"] - ref["p_restored"]).abs().max()
     print(f"cpu: {cpu_model()}, torch threads {torch.get_num_threads()}")
+    if model.device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(model.device)}, peak memory "
+              f"{torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} GiB")
     print(f"model: {label} ({n_layers(model)} layers, {dims(model)[0]} wide, {model.dtype}), threads {args.threads}")
     print(f"facts: {n}, kind {args.kind}, windows {windows}, mean prompt tokens T={per['T']:.1f}, "
           f"mean subject start b={per['b']:.1f} (work bound 4T/(T-b) ~ {4 * per['T'] / (per['T'] - per['b']):.1f})")

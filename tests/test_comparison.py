@@ -85,6 +85,19 @@ def test_largest_gain_skips_degenerate_fits():
     assert comparison.cell_name("ff", "ft5") == "Fact Forcing with FT-5"
 
 
+def test_largest_gain_leaves_out_small_cells_while_a_sized_cell_exists():
+    """A cell of few facts or layers, whose tracing effect can fit each fact, does not set the maximum."""
+    reg = pd.DataFrame({"problem": ["ei", "ei", "ff", "ei"], "method": ["rome", "ft5", "ft1", "memit"],
+                        "metric": ["rewrite"] * 4, "diff": [0.002, 0.866, 0.363, 0.612],
+                        "n_facts": [50, 10, 20, 20], "n_layers": [6, 2, 3, 2]})
+    assert comparison.MIN_FACTS_FOR_MAX == 20 and comparison.MIN_LAYERS_FOR_MAX == 3
+    assert list(comparison.sized_for_max(reg)) == [True, False, True, False]
+    assert comparison.largest_gain(reg)["method"] == "ft1"  # 20 facts x 3 layers: sized; 0.866 and 0.612 are not
+    assert comparison.largest_gain(reg.iloc[:2])["method"] == "rome"
+    small = reg.assign(n_facts=5)  # no cell is sized: the maximum over all of them
+    assert comparison.largest_gain(small)["method"] == "ft5"
+
+
 def test_open_studies_reads_a_book_profile_like_the_pipeline(tmp_path):
     """A reader's own kernel (the explorer run live) passes only the book's profile and results folder: the
     studies are found where the pipeline wrote them."""

@@ -335,12 +335,17 @@ def text_token_logprobs(model: nn.Module, tok, texts: Sequence[str], max_tokens:
     return next_token_logprobs(torch.log_softmax(logits.float(), -1), x, [len(row) for row in ids])
 
 
+def next_token_positions(lens: Sequence[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols), each (Σ max(lens[r] - 1, 0),) long on ``device``: every position of right-padded rows of
+    ``lens`` tokens whose next token is read (all but each row's last), row by row."""
+    rows = [r for r, n in enumerate(lens) for _ in range(n - 1)]
+    cols = [c for n in lens for c in range(n - 1)]
+    return (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device))
+
+
 def next_token_logprobs(logp: torch.Tensor, x: torch.Tensor, lens: Sequence[int]) -> list[torch.Tensor]:
     """Per row r, log p(x[r, i] | x[r, <i]) for i = 1..lens[r]-1 from log-probabilities (B, T, V) of the right-
     padded ids ``x`` (B, T): gathered on their device, moved to the CPU in one copy, split per row."""
-    rows = [r for r, n in enumerate(lens) for _ in range(n - 1)]
-    cols = [c for n in lens for c in range(n - 1)]
-    r = torch.tensor(rows, dtype=torch.long, device=logp.device)
-    c = torch.tensor(cols, dtype=torch.long, device=logp.device)
+    r, c = next_token_positions(lens, logp.device)
     flat = logp[r, c, x[r, c + 1]].cpu()
     return list(flat.split([max(n - 1, 0) for n in lens]))

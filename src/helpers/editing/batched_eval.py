@@ -136,8 +136,7 @@ def _essence_many(model, tok, texts: Sequence[Sequence[str]], subjects: Sequence
         counts = [len(texts[k]) for k in group]
         x, mask = scoring.pad_right(tok, ids, dev)
         lens = [len(i) for i in ids]
-        rows = torch.tensor([r for r, n in enumerate(lens) for _ in range(n - 1)], dtype=torch.long)
-        cols = torch.tensor([c for n in lens for c in range(n - 1)], dtype=torch.long)
+        rows, cols = scoring.next_token_positions(lens)
         specs = [NoiseSpec(sigma=sigmas[k], n_samples=1, seed=EVAL_NOISE_SEED, positions="subject")
                  if sigmas[k] is not None else None for k in group]
         sub_edits = [edits[k] for k in group] if edits is not None else [None] * len(group)
