@@ -96,6 +96,10 @@ def test_largest_gain_leaves_out_small_cells_while_a_sized_cell_exists():
     assert comparison.largest_gain(reg.iloc[:2])["method"] == "rome"
     small = reg.assign(n_facts=5)  # no cell is sized: the maximum over all of them
     assert comparison.largest_gain(small)["method"] == "ft5"
+    note = comparison.small_cells_note(reg)
+    assert note.startswith("2 smaller cell(s)") and "0.866 for Error Injection with FT-5, 10 facts × 2 layers" in note
+    assert comparison.small_cells_note(small).startswith("Every cell here has fewer than 20 facts or 3 layers")
+    assert comparison.small_cells_note(reg.iloc[:1]) == ""  # every cell sized: nothing to say
 
 
 def test_open_studies_reads_a_book_profile_like_the_pipeline(tmp_path):

@@ -220,8 +220,9 @@ def _assert_close(a, b, exact: bool, path: str = "", rel: float = 1e-5, abs_: fl
         assert a == b, path
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
-def test_every_stage_runs_on_the_device(arch, tmp_path, monkeypatch):
+def _cpu_then_device(arch, tmp_path, monkeypatch, dev) -> tuple[dict, dict, dict, dict]:
+    """The workload on the CPU, then with the model on ``dev`` (the emulator or a real GPU): (CPU edits, CPU traces,
+    device edits, device traces)."""
     from helpers.editing import templates as T
 
     monkeypatch.setattr(T, "_MEMORY", {})
@@ -231,12 +232,18 @@ def test_every_stage_runs_on_the_device(arch, tmp_path, monkeypatch):
     ref_edit = _editing(model, tok, records, docs, tmp_path / "cpu", None)
     ref_trace = _tracing(model, tok, records, docs, None)
     T._MEMORY.clear()
-    dev = FakeCuda(strict_under=HELPERS)
     with dev:
         dev.put_model(model)
         assert models.device_of(model).type == "cuda"
         got_edit = _editing(model, tok, records, docs, tmp_path / "device", dev)
         got_trace = _tracing(model, tok, records, docs, dev)
+    return ref_edit, ref_trace, got_edit, got_trace
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+def test_every_stage_runs_on_the_device(arch, tmp_path, monkeypatch):
+    ref_edit, ref_trace, got_edit, got_trace = _cpu_then_device(arch, tmp_path, monkeypatch,
+                                                                FakeCuda(strict_under=HELPERS))
     _assert_close(got_trace, ref_trace, exact=True)
     # the optimisers take another code path for device tensors (foreach Adam): float rounding at most
     _assert_close(got_edit, ref_edit, exact=False)
@@ -264,20 +271,6 @@ class RealCuda:
 def test_every_stage_runs_on_a_real_gpu(arch, tmp_path, monkeypatch):
     """The emulator's workload on ``cuda``: the same numbers as the CPU run, to the rounding of the GPU's own
     float32 kernels (other reduction orders; the random draws are the CPU's, moved)."""
-    from helpers.editing import templates as T
-
-    monkeypatch.setattr(T, "_MEMORY", {})
-    monkeypatch.setattr(T, "sample_context_templates", lambda m, t, seed=0: sample_context_templates(
-        m, t, seed=seed, rome_length_params=((4, 2),), memit_length=5))
-    model, tok, records, docs = _setup(arch)
-    ref_edit = _editing(model, tok, records, docs, tmp_path / "cpu", None)
-    ref_trace = _tracing(model, tok, records, docs, None)
-    T._MEMORY.clear()
-    dev = RealCuda()
-    with dev:
-        dev.put_model(model)
-        assert models.device_of(model).type == "cuda"
-        got_edit = _editing(model, tok, records, docs, tmp_path / "device", dev)
-        got_trace = _tracing(model, tok, records, docs, dev)
+    ref_edit, ref_trace, got_edit, got_trace = _cpu_then_device(arch, tmp_path, monkeypatch, RealCuda())
     _assert_close(got_trace, ref_trace, exact=False, rel=1e-4, abs_=1e-6)
     _assert_close(got_edit, ref_edit, exact=False, rel=1e-3, abs_=1e-5)

@@ -216,6 +216,25 @@ def largest_gain(reg: pd.DataFrame, metric: str = "rewrite") -> pd.Series | None
     return None if valid.empty else valid.loc[valid["diff"].idxmax()]
 
 
+def small_cells_note(reg: pd.DataFrame, metric: str = "rewrite") -> str:
+    """A sentence on the cells :func:`largest_gain` left out (their count and largest gain), or on every cell
+    being small (the maximum then over all of them); "" when every cell is sized."""
+    valid = reg[(reg["metric"] == metric)].dropna(subset=["diff"])
+    sized = sized_for_max(valid)
+    small = valid[~sized]
+    if small.empty:
+        return ""
+    limits = f"fewer than {MIN_FACTS_FOR_MAX} facts or {MIN_LAYERS_FOR_MAX} layers"
+    why = "with so few facts the tracing effect, one value per fact and layer, can fit each fact's own success"
+    if not sized.any():
+        return (f"Every cell here has {limits}, so this maximum is over all of them; {why}, so the gain may be "
+                "inflated: a larger profile settles it.")
+    big = small.loc[small["diff"].idxmax()]
+    return (f"{len(small)} smaller cell(s), of {limits}, are left out of this maximum: {why} (the largest of them: "
+            f"{big['diff']:.3f} for {cell_name(big.problem, big.method)}, {int(big['n_facts'])} facts × "
+            f"{int(big['n_layers'])} layers).")
+
+
 def cell_name(problem: str, method: str) -> str:
     """``"Fact Forcing with FT-5"``."""
     return f"{paper.PROBLEMS.get(problem, problem)} with {paper.METHODS.get(method, method)}"
