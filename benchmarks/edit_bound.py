@@ -3,17 +3,23 @@
 For one request, :func:`edit_flops` counts the floating-point operations (2 per multiply-add) of the dense
 matrix products that SCIENCE.md §6's steps need when every reuse is taken:
 
-- **ROME** (§6.1): k̄ needs layers 0..ℓ-1 over each of the 21 templated prompts up to its last subject token
-  (k* is the bare template's); v* needs, in each of its ``v_num_grad_steps`` forward passes, layers ℓ+1..L-1
-  at the positions from the last subject token on (earlier positions do not see δ: their keys/values are
-  computed once), over the 21 rewriting rows (prompt + target[:-1]) and, of the KL row, its last subject
-  token (the one position the KL reads; from the subject's first token under noise); the unembedding only at
-  the target positions and at the KL position; ``updates`` backward passes of the same products (activation
-  gradients only: no weight is trained, so a backward pass costs one product per forward product).
+- **ROME** (§6.1): a first pass over the 21 templated prompts (prompt + target[:-1]) and the KL row, through the
+  edited layer at every position (the states below the edit that later steps reuse; k̄, the keys at the last
+  subject token of each templated prompt, and k*, the bare prompt's, are among them), and above it at the
+  positions before each row's last subject token (their keys/values, which every step attends to, computed
+  once; the last block's are left out); v* needs, in each of its ``v_num_grad_steps`` forward passes, layers
+  ℓ+1..L-1 at the positions from the last subject token on (earlier positions do not see δ), over the 21
+  rewriting rows and, of the KL row, its last subject token (the one position the KL reads; from the subject's
+  first token under noise); the unembedding only at the target positions and at the KL position; ``updates``
+  backward passes of the same products (activation gradients only: no weight is trained, so a backward pass
+  costs one product per forward product). Under noise the keys need passes of their own (layers 0..ℓ-1).
 - **MEMIT** (§6.2): the same for z at the block output of the window's top layer (6 rows + KL), then per
-  window layer the keys over the 6 templates (layers 0..i up to the last subject token), the bare prompt's
-  block-z output, and one solve of (λC + kkᵀ)⁻¹k from a factorisation of λC made once per layer
-  (its (2/3) d_ff³ amortised over ``facts_per_layer`` edits).
+  window layer i the keys over the 6 templates (layers win[0]..i-1 up to the last subject token, on the stream
+  entering the window, which does not change; from layer 0 under noise), the bare prompt's block-z output, and
+  one solve of (λC + kkᵀ)⁻¹k from a factorisation of λC made once per layer (its (2/3) d_ff³ amortised over
+  ``facts_per_layer`` edits).
+- Without ``context`` (the template strings), every row is taken as the bare prompt: fewer positions before
+  the subject, a looser bound.
 - **FT-w** (§6.3): per step taken (``updates``; the forward passes of skipped steps are not counted), layers from the window's first
   down-projection to the top at every position of the row(s) (the trained weight changes every position),
   the unembedding at the target positions; backward: activation gradients through the same layers plus
@@ -27,13 +33,18 @@ the block's products at a pass's few hundred rows; at a given chunk size no step
 
 Left out (so the bound stays a bound): attention's score products (T x T per head; ≤ 2% here), norms,
 activations, softmax, Adam, and the evaluation after the edit. :func:`matmul_rate` measures this machine's
-float32 GEMM throughput on products of the same shapes (rows = the positions of one step), in the same run.
+float32 GEMM throughput on products of the same shapes (rows = the positions of one step), in the same run, two
+ways: one product repeated (its weight stays in cache: the fastest rate, the looser bound) and products cycling
+through as many weights of the shape as the model has layers (each weight read as a pass meets it: a step runs
+every layer once, and a layer's weights no longer sit in cache when the next step reaches it). Both bounds are
+printed; see docs/measurements.md for which is which.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -83,9 +94,13 @@ def unembed_shape(model: nn.Module) -> tuple[int, int]:
 
 
 def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: int, hp: dict,
-               n_templates: int, updates: int, noised: bool, facts_per_layer: int = 1) -> Work:
+               n_templates: int, updates: int, noised: bool, facts_per_layer: int = 1,
+               context: Sequence[str] | None = None) -> Work:
     """The products one edit needs (see the module docstring). ``n_templates``: rewriting rows (ROME 21,
-    MEMIT 6); ``updates``: backward passes (optimiser steps) the edit took; ``noised``: Fact Forcing."""
+    MEMIT 6); ``updates``: backward passes (optimiser steps) the edit took; ``noised``: Fact Forcing.
+    ``context``: ROME's (MEMIT's, flattened) context templates, "{}" first: the rows are then the templated
+    prompts themselves (their prefixes' keys and values counted once), else every row is taken as the bare
+    prompt (fewer positions: a looser bound)."""
     L = models.n_layers(model)
     d_model, d_ff = models.dims(model)
     blocks = [linear_shapes(b) for b in _blocks(model)]
@@ -95,9 +110,11 @@ def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: 
     win = edit_layers(model, method, layer, hp)  # ROME/FT-1 [layer]; MEMIT/FT-5 W(layer, 5)
     if method in ("rome", "memit"):
         top = win[-1]  # where δ is added: ROME's MLP output, MEMIT's last window block
-        # every row as the bare prompt: the same positions from the subject on as a templated row (the bound's
-        # suffix work is exact), fewer before it (the key passes are a lower bound)
-        templates = [request.template] * n_templates
+        # the templated prompts, or every row as the bare prompt: the same positions from the subject on as a
+        # templated row (the steps' work is the same), fewer before it
+        templates = ([fill(c, request.template) for c in context] if context is not None
+                     else [request.template] * n_templates)
+        n_templates = len(templates)
         full = templates + [KL_TEMPLATE]
         ranges = subject_ranges(tok, full, request.subject)
         lens = _lengths(tok, [fill(t, request.subject) for t in full])
@@ -115,12 +132,21 @@ def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: 
         w.add(unemb, w.unembed_rows, steps + updates)
         for j in range(0, top + 1 if not noised else 0):
             w.add(blocks[j], sum(lens), 1)  # the first pass, whose states below the edit later steps reuse
+        # the positions before each row's cut, whose keys and values every step attends to: once, in the blocks
+        # the first pass leaves (all of them under noise, which spares those positions); the last block's keys
+        # and values need only its attention's input projections (left out)
+        for j in range(top + 1 if not noised else 0, L - 1):
+            w.add(blocks[j], sum(first), 1)
+        # The keys: clean rows reach the edited layer in the first pass, at every position through the subject
+        # (ROME: nothing more; MEMIT: the stream entering the window is reused, so the keys of window layer i need
+        # blocks win[0]..i-1 with the lower layers' updates); under noise, passes of their own from the embeddings.
+        lo_keys = 0 if noised else win[0]
         if method == "rome":
-            for j in range(layer):
+            for j in range(lo_keys if noised else layer, layer):
                 w.add(blocks[j], prefix_keys, 1)  # k̄ over the templates (k* included: the bare row)
         else:
             for i in win:
-                for j in range(i):
+                for j in range(lo_keys, i):
                     w.add(blocks[j], prefix_keys, 1)  # keys at layer i
                 for j in range(win[0], top + 1):
                     w.add(blocks[j], ranges[0][1], 1)  # h_cur of the bare prompt
@@ -148,9 +174,14 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def matmul_rate(shapes: list[tuple[int, int]], rows: int, repeats: int = 20,
-                device: torch.device | str = "cpu") -> dict[tuple[int, int], float]:
+                device: torch.device | str = "cpu", distinct: int = 1) -> dict[tuple[int, int], float]:
     """This machine's float32 GEMM speed (flop/s) for (rows x in) @ (in x out), per shape, best of ``repeats``,
-    on ``device`` (a GPU's products are timed to their end: the device is synchronised around each)."""
+    on ``device`` (a GPU's products are timed to their end: the device is synchronised around each).
+
+    ``distinct`` = 1 times one product again and again: its weight stays in cache (the fastest case). ``distinct``
+    = n > 1 times n products with n different weights of the shape in turn, as a pass through n layers meets
+    them: each reads a weight that the other n - 1 have pushed out of cache (a step of an optimisation runs
+    every layer once, so no product of it can find its weight in cache from the step before)."""
     device = torch.device(device)
 
     def sync() -> None:
@@ -159,16 +190,19 @@ def matmul_rate(shapes: list[tuple[int, int]], rows: int, repeats: int = 20,
 
     out = {}
     for i, o in sorted(set(shapes)):
-        a, b = torch.randn(rows, i, device=device), torch.randn(i, o, device=device)
-        a @ b
+        a = torch.randn(rows, i, device=device)
+        bs = [torch.randn(i, o, device=device) for _ in range(max(distinct, 1))]
+        for b in bs:
+            a @ b
         best = float("inf")
         for _ in range(repeats):
             sync()
             t = time.perf_counter()
-            a @ b
+            for b in bs:
+                a @ b
             sync()
             best = min(best, time.perf_counter() - t)
-        out[(i, o)] = 2.0 * rows * i * o / best
+        out[(i, o)] = 2.0 * rows * i * o * len(bs) / best
     return out
 
 

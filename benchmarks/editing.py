@@ -3,8 +3,9 @@
 For every method and problem, the same (fact, central layer) cells are run both ways in one process:
 
 - one-fact: ``editing.edit`` then ``evaluation.measure`` under ``editing.applied`` (what ``sweep.run_cell`` does);
-- batched: ``batched.edit_many`` over all facts of a layer (chunks of ``--chunk``), then
-  ``batched.measure_many`` with per-example edits.
+- batched: ``batched.edit_many`` over all facts of a layer (chunks of ``--chunk``, the facts in the sweep's order:
+  by the positions their rows need, so that a chunk pads little), then ``batched.measure_many`` with per-example
+  edits.
 
 Prints edits/s both ways, their ratio, the largest relative difference of the post-edit probabilities between
 the two ways (fast mode, what the sweep runs: float rounding, ~1e-5; ``--exact``: 0 up to the evaluation's own
@@ -186,19 +187,28 @@ def main(argv: list[str] | None = None) -> int:
     made: dict = {}  # (problem, method) -> [(layer, task, edit)]
 
     def run_batched(tasks, m, hp, key=None):
+        # chunks as the sweep cuts them (helpers.sweep.in_batch_order): facts ordered by the positions their rows
+        # need, so that a chunk's passes pad little; results handed back in the facts' own order
+        order = batched.batch_order(tok, [t.request for t in tasks], m)
+        tasks_o, rows_o, ess_o = ([xs[k] for k in order] for xs in (tasks, fact_rows, essences))
         out = []
         for layer in layers:
             sync(model)
             t = time.perf_counter()
-            edits = batched.edit_many(model, tok, [t.request for t in tasks], m, layer, hp, stats=stats,
+            edits = batched.edit_many(model, tok, [t.request for t in tasks_o], m, layer, hp, stats=stats,
                                       templates=templates, chunk_size=args.chunk, exact=args.exact)
             sync(model)
             if key is not None:
                 edit_time[key] = edit_time.get(key, 0.0) + time.perf_counter() - t
-                made.setdefault(key, []).extend((layer, tk, e) for tk, e in zip(tasks, edits))
-            for i in range(0, len(tasks), args.chunk):
+                made.setdefault(key, []).extend((layer, tk, e) for tk, e in zip(tasks_o, edits))
+            got = []
+            for i in range(0, len(tasks_o), args.chunk):
                 sl = slice(i, i + args.chunk)
-                out += batched.measure_many(model, tok, tasks[sl], fact_rows[sl], edits[sl], essences[sl])
+                got += batched.measure_many(model, tok, tasks_o[sl], rows_o[sl], edits[sl], ess_o[sl])
+            back = [None] * len(got)
+            for j, k in enumerate(order):
+                back[k] = got[j]
+            out += back
         return out
 
     for (pr, m), (tasks, hp) in cells.items():  # batched
@@ -261,7 +271,9 @@ def print_bound(model, tok, cells, made, edit_time, results, templates, n, facts
             model, tok, tk.request, m, layer, hp, n_templates=n_t,
             updates=int(e.info.get("updates", 0)) if isinstance(e, editing.Edit) else 0,
             noised=tk.request.noise is not None and tk.request.noise.sigma != 0,
-            facts_per_layer=facts_per_layer) for layer, tk, e in made[(pr, m)]]
+            facts_per_layer=facts_per_layer,
+            context=templates.rome if m == "rome" else [t for g in templates.memit for t in g] if m == "memit"
+            else None) for layer, tk, e in made[(pr, m)]]
     # The products of one optimisation pass have (rows of one fact's pass) x (facts in a chunk) rows; each cell's
     # bound uses this machine's GEMM speed at its own median row count (small products run below peak, and
     # that is part of the bound: the spec's steps cannot make them larger).
@@ -270,31 +282,41 @@ def print_bound(model, tok, cells, made, edit_time, results, templates, n, facts
 
     cell_rows = rows_per_chunk("pass_rows")
     dev = models.device_of(model)
-    shapes = sorted({s for ws in works.values() for w in ws for s in w.rows})
-    rates = {r: edit_bound.matmul_rate(shapes, max(r, 1), device=dev) for r in sorted(set(cell_rows.values()))}
-    print("\nfloat32 GEMM throughput on the edits' shapes (GFLOP/s; rows = median rows of one pass x chunk "
-          f"{chunk}):")
-    for r, rate in rates.items():
-        print(f"  {r:6d} rows: " + ", ".join(f"{i}x{o} {v / 1e9:.0f}" for (i, o), v in rate.items()))
-    # The unembedding at its own rows (the read positions of a chunk's pass), unless a block has its shape
     unemb = edit_bound.unembed_shape(model)
     block_shapes = set(edit_bound.linear_shapes(models.module(model, "block", 0)))
+    # the blocks' products (the unembedding, unless a block has its shape, is timed at its own rows below)
+    shapes = sorted({s for ws in works.values() for w in ws for s in w.rows if s != unemb or s in block_shapes})
+    L = models.n_layers(model)
+    rates = {r: edit_bound.matmul_rate(shapes, max(r, 1), device=dev) for r in sorted(set(cell_rows.values()))}
+    streams = {r: edit_bound.matmul_rate(shapes, max(r, 1), repeats=5, device=dev, distinct=L) for r in rates}
+    print("\nfloat32 GEMM throughput on the edits' shapes (GFLOP/s; rows = median rows of one pass x chunk "
+          f"{chunk}), one weight in cache / cycling through {L} weights of the shape as a pass does:")
+    for r, rate in rates.items():
+        print(f"  {r:6d} rows: " + ", ".join(f"{i}x{o} {v / 1e9:.0f} / {streams[r][(i, o)] / 1e9:.0f}"
+                                            for (i, o), v in rate.items()))
+    # The unembedding at its own rows (the read positions of a chunk's pass), unless a block has its shape
     cell_rates = {k: rates[r] for k, r in cell_rows.items()}
+    cell_streams = {k: streams[r] for k, r in cell_rows.items()}
     if unemb not in block_shapes:
         u_rows = rows_per_chunk("unembed_rows")
         u_rates = {r: edit_bound.matmul_rate([unemb], max(r, 1), device=dev)[unemb] for r in sorted(set(u_rows.values()))}
         print(f"  unembedding {unemb[0]}x{unemb[1]} at its own rows (read positions x chunk {chunk}): "
               + ", ".join(f"{r} rows {v / 1e9:.0f}" for r, v in u_rates.items()))
         cell_rates = {k: {**rates[r], unemb: u_rates[u_rows[k]]} for k, r in cell_rows.items()}
+        cell_streams = {k: {**streams[r], unemb: u_rates[u_rows[k]]} for k, r in cell_rows.items()}
+    print("bound: the products' flops at the in-cache rate; stream bound: at the cycling rate (the unembedding, one "
+          "weight, at its own rate in both)")
     print(f"{'problem':8s} {'method':6s} {'edits':>5s} {'s/edit':>8s} {'bound s':>8s} {'ratio':>6s} "
-          f"{'GFLOP/edit':>10s} {'eval s/edit':>11s}")
+          f"{'stream s':>8s} {'ratio':>6s} {'GFLOP/edit':>10s} {'eval s/edit':>11s}")
     for (pr, m) in cells:
         ws = works[(pr, m)]
         bound = sum(edit_bound.bound_seconds(w, cell_rates[(pr, m)]) for w in ws) / len(ws)
+        stream = sum(edit_bound.bound_seconds(w, cell_streams[(pr, m)]) for w in ws) / len(ws)
         gflop = sum(w.flops for w in ws) / len(ws) / 1e9
         te = edit_time[(pr, m)] / n
         tv = (results[(pr, m, "batched")][0] - edit_time[(pr, m)]) / n
-        print(f"{pr:8s} {m:6s} {n:5d} {te:8.3f} {bound:8.3f} {te / bound:6.2f} {gflop:10.2f} {tv:11.3f}")
+        print(f"{pr:8s} {m:6s} {n:5d} {te:8.3f} {bound:8.3f} {te / bound:6.2f} {stream:8.3f} {te / stream:6.2f} "
+              f"{gflop:10.2f} {tv:11.3f}")
 
 
 if __name__ == "__main__":

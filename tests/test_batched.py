@@ -181,6 +181,35 @@ def test_fast_mode_recomputes_only_suffixes_within_tolerance(tiny, method, monke
     assert len(made) == 1
 
 
+def test_fast_rome_reads_its_keys_from_the_first_pass(tiny, monkeypatch):
+    """Clean rows in fast mode: ROME's keys (k̄ over the templated prompts, k* and W k* of the bare one) come from
+    the optimisation's graph-free first pass, which runs those tokens anyway: no key pass of their own, and the
+    same keys as key passes give (to float rounding: other shapes). Under input noise the key passes stay, where
+    the one-fact path runs them (templated keys before the optimisation, k* after), for the same noise draws."""
+    from helpers.editing import batched_rome_memit as BRM
+
+    reqs = [r for r in _requests() if r.noise is None]
+    calls, real = [], BRM._keys_many
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[2][0]))  # templates per fact: 21 (k̄) or 1 (k*)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(BRM, "_keys_many", spy)
+    many = BT.edit_many(tiny.model, tiny.tok, reqs, "rome", 1, HP["rome"], stats=tiny.stats,
+                        templates=tiny.templates, exact=False)
+    assert calls == []
+    templated = real(tiny.model, tiny.tok, [[E.fill(c, r.template) for c in tiny.templates.rome] for r in reqs],
+                     reqs, 1, None)
+    bare = real(tiny.model, tiny.tok, [[r.template] for r in reqs], reqs, 1, None)
+    for e, (k_in, _, _), (k_star, m, _) in zip(many, templated, bare):
+        assert _rel(e.info["k_bar"], k_in.double().mean(0).float()) < 1e-5
+        assert _rel(e.info["k_star"], k_star[0]) < 1e-5 and _rel(e.info["m"], m[0]) < 1e-5
+    BT.edit_many(tiny.model, tiny.tok, [_requests()[2]], "rome", 1, HP["rome"], stats=tiny.stats,
+                 templates=tiny.templates, exact=False)
+    assert calls == [len(tiny.templates.rome), 1]
+
+
 @pytest.mark.parametrize("method", ["rome", "memit"])
 def test_fast_mode_under_subject_noise_recomputes_from_the_subject(tiny, method, monkeypatch):
     """Fact Forcing in fast mode: fresh noise on each row's own subject tokens at every step, so nothing below

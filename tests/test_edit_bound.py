@@ -82,3 +82,28 @@ def test_fine_tuning_unembeds_only_its_target_positions(llama, tokenizer):
     w = edit_bound.edit_flops(llama, tokenizer, req, "ft1", 2, hp, n_templates=1, updates=3, noised=False)
     assert w.unembed_rows == n_target
     assert w.rows[_unemb(llama, tokenizer)] == n_target * 2 * 3  # forward and backward of each of 3 updates
+
+
+def test_rome_counts_each_template_prefix_once_through_every_block_but_the_last(llama, tokenizer):
+    """Clean ROME with its context templates given: a template whose prefix adds p tokens to its row adds p
+    positions to the first pass (blocks 0..ℓ) and to the keys and values above it (blocks ℓ+1..L-2), once each,
+    and nothing to the steps, which start at the last subject token. The keys are the first pass's: no pass of
+    their own."""
+    req = _request()
+    hp = {"v_num_grad_steps": 5}
+    L = models.n_layers(llama)
+    bare = ["{}", "{}"]
+    ctx = ["{}", "Hello there. {}"]
+    p = (len(scoring.encode(tokenizer, "Hello there. " + req.text))
+         - len(scoring.encode(tokenizer, req.text)))
+    assert p > 0
+    w0 = edit_bound.edit_flops(llama, tokenizer, req, "rome", 1, hp, n_templates=2, updates=4, noised=False,
+                               context=bare)
+    w1 = edit_bound.edit_flops(llama, tokenizer, req, "rome", 1, hp, n_templates=2, updates=4, noised=False,
+                               context=ctx)
+    assert w1.pass_rows == w0.pass_rows
+    for s, n in Counter(edit_bound.linear_shapes(models.module(llama, "block", 0))).items():
+        assert w1.rows[s] - w0.rows[s] == n * p * (L - 1)
+    # the bare-prompt approximation (no context) is the same count as all-bare templates
+    w_none = edit_bound.edit_flops(llama, tokenizer, req, "rome", 1, hp, n_templates=2, updates=4, noised=False)
+    assert w_none.rows == w0.rows

@@ -21,12 +21,15 @@ from .rome import KL_TEMPLATE
 log = logging.getLogger(__name__)
 
 
-def _prime(model, name: str, resume: int, batch, cut: torch.Tensor, suffixes: dict, belows: dict):
+def _prime(model, name: str, resume: int, batch, cut: torch.Tensor, suffixes: dict, belows: dict,
+           keys_of: str | None = None):
     """The first, full pass over a clean batch, without autograd: records the stream entering block ``resume``
     (see :func:`resume_layer`) and the key/value cache of the positions before ``cut`` (the δ positions) for
-    the suffix passes. Returns ``name``'s output (rows × positions × d_model), or None when no suffix pass can
-    be built (the caller then runs full passes, as without priming; nothing is recorded)."""
-    with torch.no_grad(), hooks.trace(model, name, retain_output=True) as tr, \
+    the suffix passes. Returns ``name``'s output (rows × positions × d_model) and, with ``keys_of``, that
+    module's (input, output) at every position, or (None, None) when no suffix pass can be built (the caller then
+    runs full passes, as without priming; nothing is recorded)."""
+    names = [name] if keys_of is None else [name, keys_of]
+    with torch.no_grad(), hooks.trace(model, names, retain_output=True, retain_input=keys_of is not None) as tr, \
             hooks.reuse_below(model, resume, None, record=True) as rb:
         # the decoder alone: nothing reads this pass's logits (the unembedding of every position of every row
         # would cost 1-2% of the edit)
@@ -35,12 +38,12 @@ def _prime(model, name: str, resume: int, batch, cut: torch.Tensor, suffixes: di
             suffixes[id(batch)] = sp = SuffixPass(batch, cut, cache_of(out))
         except ValueError as err:  # a cut outside its prompt: keep full passes
             log.debug("no suffix passes for this batch: %s", err)
-            return None
+            return None, None
         finally:
             del out
     if rb.stream is not None:
         belows[id(batch)] = sp.gather(rb.stream)
-    return tr.outputs[name]
+    return tr.outputs[name], (None if keys_of is None else (tr.inputs[keys_of], tr.outputs[keys_of]))
 
 
 def resume_layer(model: nn.Module, kind: str, layer: int) -> int:
@@ -122,11 +125,17 @@ def _optimize_deltas(
     noise: _NoiseRows | None,
     failed: dict[int, EditError],
     exact: bool,
+    keys: dict | None = None,
+    keys_of: str | None = None,
 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], list[dict]]:
     """Batched :func:`.rome.optimize_delta`: per fact k a δ_k (d_model,) added to ``module(kind, layer)``'s
     output at the last subject token of its rows, with its own Adam; per-fact losses computed with the same
     operations as the one-fact path and summed for one backward. ``exact``: one pass per padded length (the
     fact's rows padded exactly as in its own batch: bitwise parity); else one padded pass for all facts.
+    ``keys`` (a dict) with ``keys_of`` (a module name): for every fact whose rows get a graph-free first pass (fast
+    mode, clean rows), ``keys[k]`` = (input (n, ·), output (n, ·)) of ``keys_of`` at the δ positions of its n
+    context-template rows, in template order, float32: ROME's keys at the last subject token of each templated
+    prompt, which that pass computes anyway (through the subject the rows' tokens are the key pass's).
     Returns (v_init per fact, δ per fact, infos)."""
     if context_templates[0] != "{}":
         raise ValueError("the first context template must be the bare '{}'")
@@ -192,7 +201,12 @@ def _optimize_deltas(
                 # stream below the block needs no graph; the first step's loss then comes from a suffix pass like
                 # every later step's. Keeping the full pass's activations for a backward was the peak of memory
                 # (8 facts of SmolLM2: about 2.5 GB of the 5.5 GB peak).
-                primed[id(batch)] = _prime(model, name, resume, batch, pos, suffixes, belows)
+                primed[id(batch)], got = _prime(model, name, resume, batch, pos, suffixes, belows,
+                                                keys_of if keys is not None else None)
+                if got is not None:
+                    for j, k in enumerate(ks):
+                        r = torch.arange(j * per, j * per + n, device=dev)
+                        keys[k] = (got[0][r, pos[r]].float(), got[1][r, pos[r]].float())
             below = belows.get(id(batch)) if reuse else None
             sp = suffixes.get(id(batch)) if prefix else None
             cuts = sp.cuts if sp is not None else [0] * (per * len(ks))

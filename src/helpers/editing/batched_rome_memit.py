@@ -80,35 +80,38 @@ def _keys_many(model, tok, filled_templates: Sequence[Sequence[str]], requests: 
     return out
 
 
+def _rome_keys(model, tok, requests, layer: int, templates: Sequence[str] | None, noise):
+    """Key passes of their own: per fact W's (inputs, outputs) at the last subject token of each templated prompt,
+    or with ``templates`` None of the bare prompt (k*, W k*)."""
+    filled = [[fill(c, r.template) for c in templates] if templates is not None else [r.template] for r in requests]
+    return _keys_many(model, tok, filled, requests, layer, noise)
+
+
 def _rome_many(model, tok, requests, layer, hp: RomeHparams, stats: SecondMoments, templates: Sequence[str],
                noise, failed, exact: bool) -> list[Edit | None]:
     K = len(requests)
+    uk: list = []
     if exact:  # one-fact key passes (two per fact; the optimisation's 20 passes are the batched part)
-        uk: list = []
         for k, req in enumerate(requests):
             try:
                 uk.append(rome.left_vector(model, tok, req, layer, hp, stats, templates, _OneFact(noise, k)))
             except EditError as err:
                 failed[k] = err
                 uk.append((None, None))
-    else:
-        keys = _keys_many(model, tok, [[fill(c, r.template) for c in templates] for r in requests], requests,
-                          layer, noise)
-        k_bar = torch.stack([k.mean(0) for k, _, _ in keys]).double()  # (K, d_ff)
-        if hp.mom2_adjustment:
-            inv = stats.inverse(layer).double()
-            u = torch.stack([inv @ k_bar[k] for k in range(K)])
-        else:
-            u = k_bar
-        u = (u / u.norm(dim=-1, keepdim=True)).float()
-        uk = [(u[k], k_bar[k]) for k in range(K)]
-        for k in range(K):
-            if not torch.isfinite(u[k]).all():
-                failed[k] = EditError(f"{requests[k].where()}: non-finite left vector u")
+    # Fast mode on clean rows: the optimisation's graph-free first pass also yields the keys (W's inputs at the
+    # last subject token of every templated prompt, row 0 the bare prompt) and W k*, so no key pass of their own.
+    # Under input noise the key passes run where the one-fact path runs them (the templated keys before the
+    # optimisation, k* after it), so that each fact's noise generator draws in the same order.
+    from_first_pass = not exact and hooks.REUSE_BELOW and not _noised(noise, range(K))
+    keys = bare = None
+    if not exact and not from_first_pass:
+        keys = _rome_keys(model, tok, requests, layer, templates, noise)
+    primed: dict = {}
     v_init, delta, infos = _optimize_deltas(
         model, tok, requests, templates, "mlp", layer, steps=hp.v_num_grad_steps, lr=hp.v_lr,
         weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor,
-        break_before_last=[not r.erase for r in requests], noise=noise, failed=failed, exact=exact)
+        break_before_last=[not r.erase for r in requests], noise=noise, failed=failed, exact=exact,
+        keys=primed if from_first_pass else None, keys_of=models.module_name(model, "down_proj", layer))
     out: list[Edit | None] = []
     if exact:
         for k, req in enumerate(requests):
@@ -122,12 +125,28 @@ def _rome_many(model, tok, requests, layer, hp: RomeHparams, stats: SecondMoment
                 failed[k] = err
                 out.append(None)
         return out
-    bare = _keys_many(model, tok, [[r.template] for r in requests], requests, layer, noise)
+    if from_first_pass and all(k in primed for k in range(K) if k not in failed):
+        keys = [primed.get(k) for k in range(K)]  # (inputs, outputs) per templated prompt, or None (failed)
+        bare = [None if kv is None else (kv[0][:1], kv[1][:1]) for kv in keys]
+    else:  # noised rows, or a pass that could not be primed (no suffix pass; clean rows: any order)
+        if keys is None:
+            keys = _rome_keys(model, tok, requests, layer, templates, noise)
+        bare = _rome_keys(model, tok, requests, layer, None, noise)
+    live = [k for k in range(K) if k not in failed]
+    if live:
+        k_bar = torch.stack([keys[k][0].mean(0) for k in live]).double()  # (K', d_ff)
+        u = (stats.inverse(layer).double() @ k_bar.T).T if hp.mom2_adjustment else k_bar
+        u = (u / u.norm(dim=-1, keepdim=True)).float()
+        for i, k in enumerate(live):
+            if not torch.isfinite(u[i]).all():
+                failed[k] = EditError(f"{requests[k].where()}: non-finite left vector u")
+            uk.append((k, (u[i], k_bar[i])))
+    uk_of = dict(uk)
     for k, req in enumerate(requests):
         if k in failed:
             out.append(None)
             continue
-        u_k, kb = uk[k]
+        u_k, kb = uk_of[k]
         v_star = v_init[k] + delta[k]
         k_star, m = bare[k][0][0], bare[k][1][0]
         denom = float(k_star.double() @ u_k.double())
