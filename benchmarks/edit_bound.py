@@ -140,13 +140,12 @@ def edit_flops(model: nn.Module, tok, request: EditRequest, method: str, layer: 
         # The keys: clean rows reach the edited layer in the first pass, at every position through the subject
         # (ROME: nothing more; MEMIT: the stream entering the window is reused, so the keys of window layer i need
         # blocks win[0]..i-1 with the lower layers' updates); under noise, passes of their own from the embeddings.
-        lo_keys = 0 if noised else win[0]
         if method == "rome":
-            for j in range(lo_keys if noised else layer, layer):
-                w.add(blocks[j], prefix_keys, 1)  # k̄ over the templates (k* included: the bare row)
+            for j in range(layer if noised else 0):
+                w.add(blocks[j], prefix_keys, 1)  # under noise: k̄ over the templates (k* included: the bare row)
         else:
             for i in win:
-                for j in range(lo_keys, i):
+                for j in range(0 if noised else win[0], i):
                     w.add(blocks[j], prefix_keys, 1)  # keys at layer i
                 for j in range(win[0], top + 1):
                     w.add(blocks[j], ranges[0][1], 1)  # h_cur of the bare prompt

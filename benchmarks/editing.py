@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import edit_bound  # noqa: E402
-from tracing import cpu_model as cpu_name  # noqa: E402  (benchmarks/tracing.py)
+from tracing import cpu_model as cpu_name, print_device  # noqa: E402  (benchmarks/tracing.py)
 
 from helpers import data, editing, evaluation, models, pipeline
 from helpers.checkpoints import NAMED_MODELS
@@ -49,14 +49,6 @@ def sync(model) -> None:
     """Wait for the model's device (asynchronous GPU kernels) before a clock is read."""
     if models.device_of(model).type == "cuda":
         torch.cuda.synchronize(models.device_of(model))
-
-
-def print_device(model) -> None:
-    """The GPU and its peak memory, when the model ran on one."""
-    dev = models.device_of(model)
-    if dev.type == "cuda":
-        print(f"device {torch.cuda.get_device_name(dev)}, peak GPU memory "
-              f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
 
 
 def maxrss_mb() -> float:

@@ -123,6 +123,14 @@ def _load_or_make(path: Path, args):
     return load_model(path)
 
 
+def print_device(model) -> None:
+    """The GPU and its peak memory, when the model ran on one."""
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        print(f"device {torch.cuda.get_device_name(dev)}, peak GPU memory "
+              f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a named model (smollm2-135m, gemma3-270m), a hub name or a saved "
@@ -174,9 +182,7 @@ def main() -> None:
     per = fast.groupby("case_id").agg(T=("seq_len", "first"), b=("subj_begin", "first")).mean()
     diff = (fast["p_restored"] - ref["p_restored"]).abs().max()
     print(f"cpu: {cpu_model()}, torch threads {torch.get_num_threads()}")
-    if model.device.type == "cuda":
-        print(f"device: {torch.cuda.get_device_name(model.device)}, peak memory "
-              f"{torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} GiB")
+    print_device(model)
     print(f"model: {label} ({n_layers(model)} layers, {dims(model)[0]} wide, {model.dtype}), threads {args.threads}")
     print(f"facts: {n}, kind {args.kind}, windows {windows}, mean prompt tokens T={per['T']:.1f}, "
           f"mean subject start b={per['b']:.1f} (work bound 4T/(T-b) ~ {4 * per['T'] / (per['T'] - per['b']):.1f})")

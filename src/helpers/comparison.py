@@ -206,10 +206,15 @@ def sized_for_max(reg: pd.DataFrame) -> pd.Series:
     return ok
 
 
+def _fitted(reg: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The rows of ``metric`` whose gain could be fitted (no degenerate fit)."""
+    return reg[reg["metric"] == metric].dropna(subset=["diff"])
+
+
 def largest_gain(reg: pd.DataFrame, metric: str = "rewrite") -> pd.Series | None:
     """The (problem, method) row of a regression table where adding tracing gains most R², among the cells
     :func:`sized_for_max` (all cells when none is; None when every fit is degenerate)."""
-    valid = reg[(reg["metric"] == metric)].dropna(subset=["diff"])
+    valid = _fitted(reg, metric)
     sized = valid[sized_for_max(valid)]
     if not sized.empty:
         valid = sized
@@ -219,7 +224,7 @@ def largest_gain(reg: pd.DataFrame, metric: str = "rewrite") -> pd.Series | None
 def small_cells_note(reg: pd.DataFrame, metric: str = "rewrite") -> str:
     """A sentence on the cells :func:`largest_gain` left out (their count and largest gain), or on every cell
     being small (the maximum then over all of them); "" when every cell is sized."""
-    valid = reg[(reg["metric"] == metric)].dropna(subset=["diff"])
+    valid = _fitted(reg, metric)
     sized = sized_for_max(valid)
     small = valid[~sized]
     if small.empty:

@@ -90,7 +90,7 @@ def _rome_keys(model, tok, requests, layer: int, templates: Sequence[str] | None
 def _rome_many(model, tok, requests, layer, hp: RomeHparams, stats: SecondMoments, templates: Sequence[str],
                noise, failed, exact: bool) -> list[Edit | None]:
     K = len(requests)
-    uk: list = []
+    uk: list = []  # exact mode: per fact (u, k̄), or (None, None) where its key pass failed
     if exact:  # one-fact key passes (two per fact; the optimisation's 20 passes are the batched part)
         for k, req in enumerate(requests):
             try:
@@ -133,6 +133,7 @@ def _rome_many(model, tok, requests, layer, hp: RomeHparams, stats: SecondMoment
             keys = _rome_keys(model, tok, requests, layer, templates, noise)
         bare = _rome_keys(model, tok, requests, layer, None, noise)
     live = [k for k in range(K) if k not in failed]
+    left: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per live fact (u, k̄)
     if live:
         k_bar = torch.stack([keys[k][0].mean(0) for k in live]).double()  # (K', d_ff)
         u = (stats.inverse(layer).double() @ k_bar.T).T if hp.mom2_adjustment else k_bar
@@ -140,13 +141,12 @@ def _rome_many(model, tok, requests, layer, hp: RomeHparams, stats: SecondMoment
         for i, k in enumerate(live):
             if not torch.isfinite(u[i]).all():
                 failed[k] = EditError(f"{requests[k].where()}: non-finite left vector u")
-            uk.append((k, (u[i], k_bar[i])))
-    uk_of = dict(uk)
+            left[k] = (u[i], k_bar[i])
     for k, req in enumerate(requests):
         if k in failed:
             out.append(None)
             continue
-        u_k, kb = uk_of[k]
+        u_k, kb = left[k]
         v_star = v_init[k] + delta[k]
         k_star, m = bare[k][0][0], bare[k][1][0]
         denom = float(k_star.double() @ u_k.double())
