@@ -144,8 +144,11 @@ def test_mlp_adds_to_stream_matches_the_block(model_dirs, arch):
 def test_grouped_sdpa_is_bitwise_the_repeated_heads(model_dirs, tokenizer, arch, monkeypatch):
     """A grouped-query model on a CPU hands its key/value heads to torch's SDPA as they are
     (models.use_grouped_sdpa): over a padded batch (a mask) with a key/value cache, as the suffix passes run,
-    the logits and the gradient reaching the input embeddings equal bitwise those of transformers' default
-    (heads repeated), with 1 and with 2 threads."""
+    the logits equal bitwise those of transformers' default (heads repeated), with 1 and with 2 threads, and so
+    does the gradient reaching the input embeddings up to the order of one sum: the repeated heads' backward adds
+    each key/value head's gradients over its group after the kernel, the grouped kernel inside it. Bitwise on the
+    Intel Xeon and at SmolLM2's head size on an AMD EPYC; 4e-8 to 8e-8 relative on that EPYC at this model's head
+    size of 8. The grouped path is thread-count invariant bitwise."""
     monkeypatch.delenv(models.SDPA_GQA_ENV, raising=False)
     if arch == "gemma3":
         model, tok = models.load_model(model_dirs[arch])
@@ -185,8 +188,9 @@ def test_grouped_sdpa_is_bitwise_the_repeated_heads(model_dirs, tokenizer, arch,
     assert grouped_calls and all(grouped_calls)  # the switch reaches torch's kernel
     try:
         for threads in (1, 2):
-            grouped, repeated = run("1", threads), run("0", threads)
-            assert all(torch.equal(a, b) for a, b in zip(grouped, repeated)), threads
+            (out_g, grad_g), (out_r, grad_r) = run("1", threads), run("0", threads)
+            assert torch.equal(out_g, out_r), threads
+            assert float((grad_g - grad_r).abs().max()) <= 1e-6 * float(grad_r.abs().max()), threads
         assert all(torch.equal(a, b) for a, b in zip(run("1", 1), run("1", 2)))
     finally:
         torch.set_num_threads(1)

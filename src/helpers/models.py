@@ -307,8 +307,9 @@ SDPA_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
 def use_grouped_sdpa(model: nn.Module) -> bool:
     """On a CPU, let transformers' ``sdpa`` attention pass a grouped-query model's key/value heads (SmolLM2: 3
     for 9 query heads; Gemma 3 270M: 1 for 4) to torch's kernel with ``enable_gqa`` instead of repeating them
-    per query head first, which it does by default whenever a mask is given (every padded batch here). Same
-    numbers bitwise, thread-count invariant too (tests/test_models.py), and the attention's forward and
+    per query head first, which it does by default whenever a mask is given (every padded batch here). The same
+    logits bitwise and the same input gradients up to the order of one sum (bitwise on some CPUs, within 1e-7
+    relative on others), thread-count invariant (tests/test_models.py), and the attention's forward and
     backward about twice as fast on these short passes. Sets ``$TRANSFORMERS_SDPA_FORCE_GQA`` (process-wide)
     unless the user set it; not for a GPU model, where a masked grouped call would leave the fused kernels (a GPU
     model loaded after a CPU one in the same process inherits the setting: unset it there). Returns whether
