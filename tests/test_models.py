@@ -141,7 +141,7 @@ def test_mlp_adds_to_stream_matches_the_block(model_dirs, arch):
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "llama-gqa"])
-def test_grouped_sdpa_is_bitwise_the_repeated_heads(model_dirs, tokenizer, arch, monkeypatch):
+def test_grouped_sdpa_matches_the_repeated_heads(model_dirs, tokenizer, arch, monkeypatch):
     """A grouped-query model on a CPU hands its key/value heads to torch's SDPA as they are
     (models.use_grouped_sdpa): over a padded batch (a mask) with a key/value cache, as the suffix passes run,
     the logits equal bitwise those of transformers' default (heads repeated), with 1 and with 2 threads, and so
