@@ -264,8 +264,7 @@ def print_bound(model, tok, cells, made, edit_time, results, templates, n, facts
             updates=int(e.info.get("updates", 0)) if isinstance(e, editing.Edit) else 0,
             noised=tk.request.noise is not None and tk.request.noise.sigma != 0,
             facts_per_layer=facts_per_layer,
-            context=templates.rome if m == "rome" else [t for g in templates.memit for t in g] if m == "memit"
-            else None) for layer, tk, e in made[(pr, m)]]
+            context=templates.flat(m)) for layer, tk, e in made[(pr, m)]]
     # The products of one optimisation pass have (rows of one fact's pass) x (facts in a chunk) rows; each cell's
     # bound uses this machine's GEMM speed at its own median row count (small products run below peak, and
     # that is part of the bound: the spec's steps cannot make them larger).
@@ -287,15 +286,15 @@ def print_bound(model, tok, cells, made, edit_time, results, templates, n, facts
         print(f"  {r:6d} rows: " + ", ".join(f"{i}x{o} {v / 1e9:.0f} / {streams[r][(i, o)] / 1e9:.0f}"
                                             for (i, o), v in rate.items()))
     # The unembedding at its own rows (the read positions of a chunk's pass), unless a block has its shape
-    cell_rates = {k: rates[r] for k, r in cell_rows.items()}
-    cell_streams = {k: streams[r] for k, r in cell_rows.items()}
+    own = {k: {} for k in cell_rows}  # per cell: the unembedding's rate at its own rows (one weight: both bounds)
     if unemb not in block_shapes:
         u_rows = rows_per_chunk("unembed_rows")
         u_rates = {r: edit_bound.matmul_rate([unemb], max(r, 1), device=dev)[unemb] for r in sorted(set(u_rows.values()))}
         print(f"  unembedding {unemb[0]}x{unemb[1]} at its own rows (read positions x chunk {chunk}): "
               + ", ".join(f"{r} rows {v / 1e9:.0f}" for r, v in u_rates.items()))
-        cell_rates = {k: {**rates[r], unemb: u_rates[u_rows[k]]} for k, r in cell_rows.items()}
-        cell_streams = {k: {**streams[r], unemb: u_rates[u_rows[k]]} for k, r in cell_rows.items()}
+        own = {k: {unemb: u_rates[u_rows[k]]} for k in cell_rows}
+    cell_rates = {k: {**rates[r], **own[k]} for k, r in cell_rows.items()}
+    cell_streams = {k: {**streams[r], **own[k]} for k, r in cell_rows.items()}
     print("bound: the products' flops at the in-cache rate; stream bound: at the cycling rate (the unembedding, one "
           "weight, at its own rate in both)")
     print(f"{'problem':8s} {'method':6s} {'edits':>5s} {'s/edit':>8s} {'bound s':>8s} {'ratio':>6s} "

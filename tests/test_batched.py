@@ -224,7 +224,7 @@ def test_fast_mode_under_subject_noise_recomputes_from_the_subject(tiny, method,
     assert len(made) == 1 and len(used) == _steps(tiny, method) - 1
     cut = made[0].cut
     n_rows = len(cut) // len(reqs)
-    templates = tiny.templates.rome if method == "rome" else [t for g in tiny.templates.memit for t in g]
+    templates = tiny.templates.flat(method)
     full = [E.fill(c, reqs[0].template) for c in templates] + ["{} is a"]
     starts = [b for b, _ in BT.subject_ranges(tiny.tok, full, reqs[0].subject)]
     assert cut[:n_rows].tolist() == starts and max(starts) > 0  # cut at each row's subject start

@@ -157,6 +157,8 @@ def test_context_templates(tiny):
     assert [len(g) for g in ct.memit] == [1, 5] and ct.memit[0] == ["{}"]
     assert all(t.count("{}") == 1 and t.endswith("{}") for t in ct.rome + ct.memit[1])
     assert all(t.endswith(". {}") for t in ct.rome[1:])
+    assert ct.flat("rome") == ct.rome and ct.flat("ft1") is None
+    assert ct.flat("memit") == ["{}", *ct.memit[1]]  # MEMIT's groups in order, "{}" first
     E.templates._MEMORY.clear()
     again = E.context_templates(tiny.model, tiny.tok, cache_dir=tiny.cache_dir)  # from the disk cache
     assert again == ct

@@ -103,7 +103,7 @@ def _rome_many(model, tok, requests, layer, hp: RomeHparams, stats: SecondMoment
     # Under input noise the key passes run where the one-fact path runs them (the templated keys before the
     # optimisation, k* after it), so that each fact's noise generator draws in the same order.
     from_first_pass = not exact and hooks.REUSE_BELOW and not _noised(noise, range(K))
-    keys = bare = None
+    keys = None
     if not exact and not from_first_pass:
         keys = _rome_keys(model, tok, requests, layer, templates, noise)
     primed: dict = {}
@@ -197,7 +197,7 @@ def _memit_many(model, tok, requests, layers, hp: MemitHparams, stats: SecondMom
                 failed[k] = err
                 out.append(None)
         return out
-    d_model, d_ff = models.dims(model)
+    d_model, _ = models.dims(model)
     dev = models.device_of(model)
     zero = torch.zeros(d_model, device=dev)
     z = torch.stack([h_init[k] + delta[k] if k not in failed else zero for k in range(K)])
@@ -248,11 +248,8 @@ def _memit_many(model, tok, requests, layers, hp: MemitHparams, stats: SecondMom
             # one-fact path writes the float outer product into the weights, which differs by float rounding only
             # (exact mode spreads per fact, above). A dense (K, d_model, d_ff) stack cost a copy of it (28 MB for 8
             # facts of SmolLM2) and a batched product per pass, for no speed-up measurable on 2 cores (session 29).
-            zero_ff = torch.zeros(d_ff, device=dev)
-            pe.factors[layer] = (
-                torch.stack([edits[k].factors[layer][0] if layer in edits[k].factors else zero for k in range(K)]),
-                torch.stack([edits[k].factors[layer][1] if layer in edits[k].factors else zero_ff
-                             for k in range(K)]))
+            ok = torch.tensor([layer in edits[k].factors for k in range(K)], device=dev)[:, None]
+            pe.factors[layer] = (torch.where(ok, resid.float(), 0.0), torch.where(ok, a.float(), 0.0))
             pe.layers = sorted(set(pe.factors))
             pe.names = {models.module_name(model, "down_proj", l): l for l in pe.layers}
     return [None if k in failed else edits[k] for k in range(K)]

@@ -35,6 +35,11 @@ class ContextTemplates:
     rome: list[str]
     memit: list[list[str]]
 
+    def flat(self, method: str) -> list[str] | None:
+        """The templates ``method``'s δ optimisation runs over, "{}" first (MEMIT's groups in order), or None for a
+        method without context templates."""
+        return {"rome": self.rome, "memit": [t for g in self.memit for t in g]}.get(method)
+
 
 def _clean(text: str) -> str:
     text = text.replace("\t}", "").replace("\n}", "")
